@@ -1,0 +1,123 @@
+// unirep::domain_instance_norm_forward / _backward on the CPU.
+//
+// Statistics per (sample, channel) plane; the affine comes from the sample's domain. The
+// tables are indexed by sample (rows = N), so the passes of norm_passes.h apply unchanged.
+#include <torch/library.h>
+
+#include <numeric>
+
+#include "norm_passes.h"
+
+namespace unirep {
+namespace cpu {
+namespace {
+
+template <typename acc_t>
+void fill_tables(AffineTables<acc_t>& t, int64_t N, int64_t C, const acc_t* mean, const acc_t* var,
+                 const std::vector<int64_t>& domains, const ParamRows<acc_t>& w, const ParamRows<acc_t>& b,
+                 double eps) {
+  for (int64_t n = 0; n < N; ++n) {
+    for (int64_t c = 0; c < C; ++c) {
+      const int64_t k = n * C + c;
+      const acc_t inv = acc_t(1) / std::sqrt(var[k] + static_cast<acc_t>(eps));
+      t.center[k] = mean[k];
+      t.scale[k] = inv * w.at(domains[n], c);
+      t.beta[k] = b.at(domains[n], c);
+    }
+  }
+}
+
+std::vector<int64_t> identity_rows(int64_t N) {
+  std::vector<int64_t> rows(N);
+  std::iota(rows.begin(), rows.end(), int64_t(0));
+  return rows;
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> forward(const at::Tensor& x_in, const c10::optional<at::Tensor>& domain,
+                                                       int64_t pure_domain, const c10::optional<at::Tensor>& weight,
+                                                       const c10::optional<at::Tensor>& bias, int64_t num_domains,
+                                                       double eps, bool relu) {
+  TORCH_CHECK(x_in.dim() >= 2, "domain_instance_norm: x must have shape (N, C, *spatial)");
+  const PlaneView v = plane_view(x_in);
+  const int64_t N = v.N, C = v.C, S = v.S;
+  const at::ScalarType acc = at::toOpMathType(v.x.scalar_type());
+  const std::vector<int64_t> domains = sample_domains(domain, pure_domain, N, num_domains, "domain_instance_norm");
+  at::Tensor y = at::empty_like(v.x);
+  at::Tensor mean = at::empty({N, C}, at::TensorOptions().dtype(acc));
+  at::Tensor var = at::empty({N, C}, at::TensorOptions().dtype(acc));
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, v.x.scalar_type(), "domain_instance_norm_cpu", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const ParamRows<acc_t> w(weight, C, acc_t(1), acc), b(bias, C, acc_t(0), acc);
+    acc_t* pm = mean.data_ptr<acc_t>();
+    acc_t* pv = var.data_ptr<acc_t>();
+    plane_moments<scalar_t, acc_t>(v, pm, pv);
+    for (int64_t k = 0; k < N * C; ++k) pv[k] /= static_cast<acc_t>(S);  // M2 -> biased variance
+    AffineTables<acc_t> tables(N, C);
+    fill_tables<acc_t>(tables, N, C, pm, pv, domains, w, b, eps);
+    const std::vector<int64_t> rows = identity_rows(N);
+    apply_affine<scalar_t, acc_t>(v, y, rows.data(), tables, relu);
+  });
+  return {y, mean, var};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> backward(const at::Tensor& grad_y, const at::Tensor& x_in,
+                                                        const c10::optional<at::Tensor>& domain, int64_t pure_domain,
+                                                        const c10::optional<at::Tensor>& weight,
+                                                        const c10::optional<at::Tensor>& bias, const at::Tensor& mean,
+                                                        const at::Tensor& var, int64_t num_domains, double eps,
+                                                        bool relu) {
+  const PlaneView v = plane_view(x_in);
+  const int64_t N = v.N, C = v.C, S = v.S, D = num_domains;
+  const at::ScalarType acc = at::toOpMathType(v.x.scalar_type());
+  const std::vector<int64_t> domains =
+      sample_domains(domain, pure_domain, N, num_domains, "domain_instance_norm_backward");
+  const at::Tensor dy = same_layout(grad_y, v);
+  at::Tensor dx = at::empty_like(v.x);
+  const int64_t wrows = weight.has_value() && weight->dim() == 2 ? D : 1;
+  const int64_t brows = bias.has_value() && bias->dim() == 2 ? D : 1;
+  at::Tensor dweight = at::zeros({wrows, C}, at::TensorOptions().dtype(at::kDouble));
+  at::Tensor dbias = at::zeros({brows, C}, at::TensorOptions().dtype(at::kDouble));
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, v.x.scalar_type(), "domain_instance_norm_backward_cpu", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const ParamRows<acc_t> w(weight, C, acc_t(1), acc), b(bias, C, acc_t(0), acc);
+    const at::Tensor mean_acc = mean.to(acc).contiguous(), var_acc = var.to(acc).contiguous();
+    AffineTables<acc_t> tables(N, C);
+    fill_tables<acc_t>(tables, N, C, mean_acc.data_ptr<acc_t>(), var_acc.data_ptr<acc_t>(), domains, w, b, eps);
+    const std::vector<int64_t> rows = identity_rows(N);
+    std::vector<acc_t> ps1(N * C), ps2(N * C);
+    plane_grad_sums<scalar_t, acc_t>(v, dy, rows.data(), tables, relu, ps1.data(), ps2.data());
+    InputGradTables<acc_t> k(N, C);
+    double* dw = dweight.data_ptr<double>();
+    double* db = dbias.data_ptr<double>();
+    const acc_t* pv = var_acc.data_ptr<acc_t>();
+    // Parallel over channels, samples in order: every output has one writer, fixed order.
+    at::parallel_for(0, C, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t c = begin; c < end; ++c) {
+        for (int64_t n = 0; n < N; ++n) {
+          const int64_t i = n * C + c;
+          const double inv = 1.0 / std::sqrt(static_cast<double>(pv[i]) + eps);
+          const double wd = w.at(domains[n], c);
+          db[(brows > 1 ? domains[n] : 0) * C + c] += ps1[i];
+          dw[(wrows > 1 ? domains[n] : 0) * C + c] += inv * ps2[i];
+          const double m1 = wd * ps1[i] / S;
+          const double m2 = wd * inv * ps2[i] / S;
+          k.ka[i] = static_cast<acc_t>(inv * wd);
+          k.kx[i] = static_cast<acc_t>(-inv * inv * m2);
+          k.k0[i] = static_cast<acc_t>(-inv * m1);
+        }
+      }
+    });
+    apply_input_grad<scalar_t, acc_t>(v, dy, dx, rows.data(), tables, k, relu);
+  });
+  return {dx, param_grad(dweight, weight, acc), param_grad(dbias, bias, acc)};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(unirep, CPU, m) {
+  m.impl("domain_instance_norm_forward", &forward);
+  m.impl("domain_instance_norm_backward", &backward);
+}
+
+}  // namespace cpu
+}  // namespace unirep

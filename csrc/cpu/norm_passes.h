@@ -1,0 +1,340 @@
+// The four passes over memory that every domain-muxed normalization on the CPU is made of.
+//
+// A normalization op is: (1) per-(sample, channel) moments of x, (2) tiny per-channel
+// "table math" that turns them into per-row tables (center, scale, beta), (3) one
+// elementwise pass y = act((x - center[r]) * scale[r] + beta[r]) where r is the sample's
+// table row (its domain for batch norm, the sample itself for instance norm). The backward
+// is the same shape: (1) per-(sample, channel) sums of g and g * (x - center), (2) table
+// math giving dweight, dbias and coefficients, (3) dx = ka[r] g + kx[r] (x - center[r]) +
+// k0[r], where g is dy masked by the fused ReLU. Only steps (1) and (3) touch x, so a
+// training forward reads x twice and writes y once; eval reads once and writes once.
+//
+// Every pass works on a "plane view" of x: NCS (contiguous, planes of S values) or NSC
+// (channels_last: per sample an S x C block with channels innermost). Each output element
+// is written by exactly one thread and reductions run in a fixed order, so results are
+// bitwise deterministic whatever the thread count.
+#pragma once
+
+#include <ATen/ATen.h>
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+
+#include <cmath>
+#include <cstdint>
+#include <vector>
+
+namespace unirep {
+namespace cpu {
+
+// Values handled per parallel task; below this, threads cost more than they save.
+constexpr int64_t kGrainValues = 32768;
+
+struct PlaneView {
+  at::Tensor x;  // dense: contiguous (NCS) or channels_last (NSC)
+  int64_t N = 0, C = 0, S = 1;
+  bool channels_last = false;
+};
+
+// Views x as planes without copying when it is contiguous or channels_last (2d or 3d);
+// any other strides are made contiguous (one copy, documented in the README).
+inline PlaneView plane_view(const at::Tensor& x) {
+  PlaneView v;
+  v.N = x.size(0);
+  v.C = x.size(1);
+  v.S = v.N * v.C == 0 ? 0 : x.numel() / (v.N * v.C);
+  if (x.dim() == 2) {
+    v.x = x.contiguous();
+    v.channels_last = true;  // (N, C) rows: the NSC walk with S = 1 vectorizes over C
+  } else if (x.is_contiguous()) {
+    v.x = x;
+  } else if ((x.dim() == 4 && x.is_contiguous(at::MemoryFormat::ChannelsLast)) ||
+             (x.dim() == 5 && x.is_contiguous(at::MemoryFormat::ChannelsLast3d))) {
+    v.x = x;
+    v.channels_last = true;
+  } else {
+    v.x = x.contiguous();
+  }
+  return v;
+}
+
+// grad_y in x's layout (and dtype), so both are walked with the same indices.
+inline at::Tensor same_layout(const at::Tensor& grad_y, const PlaneView& v) {
+  at::Tensor g = grad_y.to(v.x.scalar_type());
+  if (v.channels_last && v.x.dim() == 4) return g.contiguous(at::MemoryFormat::ChannelsLast);
+  if (v.channels_last && v.x.dim() == 5) return g.contiguous(at::MemoryFormat::ChannelsLast3d);
+  return g.contiguous();
+}
+
+// Pass 1 (forward): mean and M2 (sum of squared deviations) of every (sample, channel)
+// plane, written to pmean[n * C + c], pm2[n * C + c]. Two passes over each plane (the
+// second hits cache), the first shifted by the plane's first value, so a large common
+// offset such as 1e4 costs no precision.
+template <typename scalar_t, typename acc_t>
+void plane_moments(const PlaneView& v, acc_t* pmean, acc_t* pm2) {
+  const scalar_t* x = v.x.data_ptr<scalar_t>();
+  const int64_t C = v.C, S = v.S;
+  if (!v.channels_last) {
+    const int64_t grain = std::max<int64_t>(1, kGrainValues / std::max<int64_t>(S, 1));
+    at::parallel_for(0, v.N * C, grain, [&](int64_t begin, int64_t end) {
+      for (int64_t p = begin; p < end; ++p) {
+        const scalar_t* plane = x + p * S;
+        const acc_t shift = static_cast<acc_t>(plane[0]);
+        acc_t sum = 0;
+        for (int64_t s = 0; s < S; ++s) sum += static_cast<acc_t>(plane[s]) - shift;
+        const acc_t mean = shift + sum / S;
+        acc_t m2 = 0;
+        for (int64_t s = 0; s < S; ++s) {
+          const acc_t d = static_cast<acc_t>(plane[s]) - mean;
+          m2 += d * d;
+        }
+        pmean[p] = mean;
+        pm2[p] = m2;
+      }
+    });
+    return;
+  }
+  const int64_t grain = std::max<int64_t>(1, kGrainValues / std::max<int64_t>(S * C, 1));
+  at::parallel_for(0, v.N, grain, [&](int64_t begin, int64_t end) {
+    std::vector<acc_t> shift(C), sum(C);
+    for (int64_t n = begin; n < end; ++n) {
+      const scalar_t* block = x + n * S * C;
+      acc_t* mean = pmean + n * C;
+      acc_t* m2 = pm2 + n * C;
+      for (int64_t c = 0; c < C; ++c) {
+        shift[c] = static_cast<acc_t>(block[c]);
+        sum[c] = 0;
+        m2[c] = 0;
+      }
+      for (int64_t s = 0; s < S; ++s) {
+        const scalar_t* row = block + s * C;
+        for (int64_t c = 0; c < C; ++c) sum[c] += static_cast<acc_t>(row[c]) - shift[c];
+      }
+      for (int64_t c = 0; c < C; ++c) mean[c] = shift[c] + sum[c] / S;
+      for (int64_t s = 0; s < S; ++s) {
+        const scalar_t* row = block + s * C;
+        for (int64_t c = 0; c < C; ++c) {
+          const acc_t d = static_cast<acc_t>(row[c]) - mean[c];
+          m2[c] += d * d;
+        }
+      }
+    }
+  });
+}
+
+// Per-row tables, (rows, C) row-major in acc_t: y = act((x - center) * scale + beta).
+template <typename acc_t>
+struct AffineTables {
+  std::vector<acc_t> center, scale, beta;
+  AffineTables(int64_t rows, int64_t C) : center(rows * C), scale(rows * C), beta(rows * C) {}
+};
+
+// Pass 2 (forward): y = act((x - center[r]) * scale[r] + beta[r]), r = rows[n].
+template <typename scalar_t, typename acc_t>
+void apply_affine(const PlaneView& v, at::Tensor& y, const int64_t* rows,
+                  const AffineTables<acc_t>& t, bool relu) {
+  const scalar_t* x = v.x.data_ptr<scalar_t>();
+  scalar_t* out = y.data_ptr<scalar_t>();
+  const int64_t C = v.C, S = v.S;
+  if (!v.channels_last) {
+    const int64_t grain = std::max<int64_t>(1, kGrainValues / std::max<int64_t>(S, 1));
+    at::parallel_for(0, v.N * C, grain, [&](int64_t begin, int64_t end) {
+      for (int64_t p = begin; p < end; ++p) {
+        const int64_t k = rows[p / C] * C + p % C;
+        const acc_t m = t.center[k], a = t.scale[k], b = t.beta[k];
+        const scalar_t* in = x + p * S;
+        scalar_t* o = out + p * S;
+        if (relu) {
+          for (int64_t s = 0; s < S; ++s) {
+            const acc_t val = (static_cast<acc_t>(in[s]) - m) * a + b;
+            o[s] = static_cast<scalar_t>(val > 0 ? val : acc_t(0));
+          }
+        } else {
+          for (int64_t s = 0; s < S; ++s) o[s] = static_cast<scalar_t>((static_cast<acc_t>(in[s]) - m) * a + b);
+        }
+      }
+    });
+    return;
+  }
+  const int64_t grain = std::max<int64_t>(1, kGrainValues / std::max<int64_t>(S * C, 1));
+  at::parallel_for(0, v.N, grain, [&](int64_t begin, int64_t end) {
+    for (int64_t n = begin; n < end; ++n) {
+      const acc_t* m = t.center.data() + rows[n] * C;
+      const acc_t* a = t.scale.data() + rows[n] * C;
+      const acc_t* b = t.beta.data() + rows[n] * C;
+      for (int64_t s = 0; s < S; ++s) {
+        const scalar_t* in = x + (n * S + s) * C;
+        scalar_t* o = out + (n * S + s) * C;
+        for (int64_t c = 0; c < C; ++c) {
+          const acc_t val = (static_cast<acc_t>(in[c]) - m[c]) * a[c] + b[c];
+          o[c] = static_cast<scalar_t>(relu && !(val > 0) ? acc_t(0) : val);
+        }
+      }
+    }
+  });
+}
+
+// Pass 1 (backward): per (sample, channel) sums of g and g * (x - center[r]), where g is dy
+// with the fused ReLU's mask recomputed from the forward tables (no saved output needed).
+template <typename scalar_t, typename acc_t>
+void plane_grad_sums(const PlaneView& v, const at::Tensor& dy, const int64_t* rows,
+                     const AffineTables<acc_t>& t, bool relu, acc_t* ps1, acc_t* ps2) {
+  const scalar_t* x = v.x.data_ptr<scalar_t>();
+  const scalar_t* g = dy.data_ptr<scalar_t>();
+  const int64_t C = v.C, S = v.S;
+  if (!v.channels_last) {
+    const int64_t grain = std::max<int64_t>(1, kGrainValues / std::max<int64_t>(S, 1));
+    at::parallel_for(0, v.N * C, grain, [&](int64_t begin, int64_t end) {
+      for (int64_t p = begin; p < end; ++p) {
+        const int64_t k = rows[p / C] * C + p % C;
+        const acc_t m = t.center[k], a = t.scale[k], b = t.beta[k];
+        const scalar_t* in = x + p * S;
+        const scalar_t* gp = g + p * S;
+        acc_t s1 = 0, s2 = 0;
+        for (int64_t s = 0; s < S; ++s) {
+          const acc_t xc = static_cast<acc_t>(in[s]) - m;
+          acc_t gv = static_cast<acc_t>(gp[s]);
+          if (relu && !(xc * a + b > 0)) gv = 0;
+          s1 += gv;
+          s2 += gv * xc;
+        }
+        ps1[p] = s1;
+        ps2[p] = s2;
+      }
+    });
+    return;
+  }
+  const int64_t grain = std::max<int64_t>(1, kGrainValues / std::max<int64_t>(S * C, 1));
+  at::parallel_for(0, v.N, grain, [&](int64_t begin, int64_t end) {
+    for (int64_t n = begin; n < end; ++n) {
+      const acc_t* m = t.center.data() + rows[n] * C;
+      const acc_t* a = t.scale.data() + rows[n] * C;
+      const acc_t* b = t.beta.data() + rows[n] * C;
+      acc_t* s1 = ps1 + n * C;
+      acc_t* s2 = ps2 + n * C;
+      for (int64_t c = 0; c < C; ++c) s1[c] = s2[c] = 0;
+      for (int64_t s = 0; s < S; ++s) {
+        const scalar_t* in = x + (n * S + s) * C;
+        const scalar_t* gp = g + (n * S + s) * C;
+        for (int64_t c = 0; c < C; ++c) {
+          const acc_t xc = static_cast<acc_t>(in[c]) - m[c];
+          acc_t gv = static_cast<acc_t>(gp[c]);
+          if (relu && !(xc * a[c] + b[c] > 0)) gv = 0;
+          s1[c] += gv;
+          s2[c] += gv * xc;
+        }
+      }
+    }
+  });
+}
+
+// Per-row backward coefficients: dx = ka g + kx (x - center) + k0.
+template <typename acc_t>
+struct InputGradTables {
+  std::vector<acc_t> ka, kx, k0;
+  InputGradTables(int64_t rows, int64_t C) : ka(rows * C), kx(rows * C), k0(rows * C) {}
+};
+
+// Pass 2 (backward): dx from dy and x with per-row coefficients.
+template <typename scalar_t, typename acc_t>
+void apply_input_grad(const PlaneView& v, const at::Tensor& dy, at::Tensor& dx, const int64_t* rows,
+                      const AffineTables<acc_t>& t, const InputGradTables<acc_t>& k, bool relu) {
+  const scalar_t* x = v.x.data_ptr<scalar_t>();
+  const scalar_t* g = dy.data_ptr<scalar_t>();
+  scalar_t* out = dx.data_ptr<scalar_t>();
+  const int64_t C = v.C, S = v.S;
+  if (!v.channels_last) {
+    const int64_t grain = std::max<int64_t>(1, kGrainValues / std::max<int64_t>(S, 1));
+    at::parallel_for(0, v.N * C, grain, [&](int64_t begin, int64_t end) {
+      for (int64_t p = begin; p < end; ++p) {
+        const int64_t r = rows[p / C] * C + p % C;
+        const acc_t m = t.center[r], a = t.scale[r], b = t.beta[r];
+        const acc_t ka = k.ka[r], kx = k.kx[r], k0 = k.k0[r];
+        const scalar_t* in = x + p * S;
+        const scalar_t* gp = g + p * S;
+        scalar_t* o = out + p * S;
+        for (int64_t s = 0; s < S; ++s) {
+          const acc_t xc = static_cast<acc_t>(in[s]) - m;
+          acc_t gv = static_cast<acc_t>(gp[s]);
+          if (relu && !(xc * a + b > 0)) gv = 0;
+          o[s] = static_cast<scalar_t>(ka * gv + kx * xc + k0);
+        }
+      }
+    });
+    return;
+  }
+  const int64_t grain = std::max<int64_t>(1, kGrainValues / std::max<int64_t>(S * C, 1));
+  at::parallel_for(0, v.N, grain, [&](int64_t begin, int64_t end) {
+    for (int64_t n = begin; n < end; ++n) {
+      const int64_t base = rows[n] * C;
+      for (int64_t s = 0; s < S; ++s) {
+        const scalar_t* in = x + (n * S + s) * C;
+        const scalar_t* gp = g + (n * S + s) * C;
+        scalar_t* o = out + (n * S + s) * C;
+        for (int64_t c = 0; c < C; ++c) {
+          const acc_t xc = static_cast<acc_t>(in[c]) - t.center[base + c];
+          acc_t gv = static_cast<acc_t>(gp[c]);
+          if (relu && !(xc * t.scale[base + c] + t.beta[base + c] > 0)) gv = 0;
+          o[c] = static_cast<scalar_t>(k.ka[base + c] * gv + k.kx[base + c] * xc + k.k0[base + c]);
+        }
+      }
+    }
+  });
+}
+
+// Reads an optional (R, C) or (C,) parameter as acc_t values; row(r) gives row r, or the
+// single row of a (C,) tensor; absent tensors read as `fill`.
+template <typename acc_t>
+struct ParamRows {
+  at::Tensor values;  // contiguous acc_t copy (tiny)
+  bool per_row = false;
+  bool present = false;
+  acc_t fill;
+  int64_t C;
+  ParamRows(const c10::optional<at::Tensor>& p, int64_t C_, acc_t fill_, at::ScalarType acc)
+      : fill(fill_), C(C_) {
+    if (p.has_value() && p->defined()) {
+      values = p->to(acc).contiguous();
+      per_row = p->dim() == 2;
+      present = true;
+    }
+  }
+  acc_t at(int64_t row, int64_t c) const {
+    if (!present) return fill;
+    return values.data_ptr<acc_t>()[(per_row ? row * C : 0) + c];
+  }
+};
+
+// A parameter's gradient accumulated in float64 as (rows, C), returned in the parameter's
+// shape and dtype; (C,) in the accumulation dtype when the parameter is absent.
+inline at::Tensor param_grad(const at::Tensor& grad, const c10::optional<at::Tensor>& param, at::ScalarType acc) {
+  const bool given = param.has_value() && param->defined();
+  at::Tensor g = grad.to(given ? param->scalar_type() : acc);
+  return given ? g.reshape(param->sizes()) : g.reshape({grad.size(1)});
+}
+
+// Each sample's domain as a host array: from the index tensor (range-checked: this is the
+// kernel-side guard that also holds under torch.compile) or the pure-batch domain.
+inline std::vector<int64_t> sample_domains(const c10::optional<at::Tensor>& domain, int64_t pure_domain,
+                                           int64_t N, int64_t num_domains, const char* op) {
+  std::vector<int64_t> rows(N);
+  if (domain.has_value() && domain->defined()) {
+    TORCH_CHECK(domain->scalar_type() == at::kLong && domain->dim() == 1 && domain->size(0) == N, op,
+                ": domain must be an int64 tensor of shape (", N, ",), got ", domain->scalar_type(), " ",
+                domain->sizes());
+    const at::Tensor d = domain->contiguous();
+    const int64_t* p = d.data_ptr<int64_t>();
+    for (int64_t n = 0; n < N; ++n) {
+      TORCH_CHECK_VALUE(p[n] >= 0 && p[n] < num_domains, op, ": domain values must lie in [0, num_domains=",
+                        num_domains, "), got ", p[n], " at position ", n);
+      rows[n] = p[n];
+    }
+  } else {
+    TORCH_CHECK_VALUE(pure_domain >= 0 && pure_domain < num_domains, op, ": domain must lie in [0, num_domains=",
+                      num_domains, "), got ", pure_domain);
+    std::fill(rows.begin(), rows.end(), pure_domain);
+  }
+  return rows;
+}
+
+}  // namespace cpu
+}  // namespace unirep

@@ -1,0 +1,19 @@
+"""unirep_kernels: fused kernels for domain-muxed normalization.
+
+Functional ops (the contract of DESIGN.md): :func:`domain_batch_norm`,
+:func:`domain_instance_norm`. Layers: :class:`DomainBatchNorm2d`,
+:class:`DomainInstanceNorm2d`, :class:`DomainScale2d`, :func:`convert_domain_norm`, and the
+:func:`domain` context. Backends: :func:`backends`, :func:`use_backend`.
+"""
+
+from . import reference
+from .backends import backends, use_backend
+from .nn import (DomainBatchNorm2d, DomainInstanceNorm2d, DomainScale2d, convert_domain_norm, current_domain,
+                 domain)
+from .ops import domain_batch_norm, domain_instance_norm
+
+__all__ = [
+    "backends", "use_backend", "domain", "current_domain", "domain_batch_norm", "domain_instance_norm",
+    "DomainBatchNorm2d", "DomainInstanceNorm2d", "DomainScale2d", "convert_domain_norm", "reference",
+]
+__version__ = "0.1.0"

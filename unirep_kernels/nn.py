@@ -1,0 +1,244 @@
+"""Drop-in layers built on the domain-muxed ops, the current-domain context, and
+``convert_domain_norm`` for existing models.
+
+Every layer's ``forward(x, domain=None)`` takes the domain explicitly (an int for a pure
+batch, an int64 tensor (N,) for a mixed batch) or, with ``domain=None``, from the innermost
+``with unirep_kernels.domain(d):`` block, so unmodified models work after conversion.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Iterator, List, Optional, Union
+
+import torch
+from torch import Tensor, nn
+
+from .ops import domain_batch_norm, domain_instance_norm
+
+Domain = Union[int, Tensor]
+
+_domain_stack: List[Domain] = []
+
+
+@contextlib.contextmanager
+def domain(d: Domain) -> Iterator[None]:
+    """Make ``d`` the domain of every domain layer called with ``domain=None`` inside."""
+    if isinstance(d, bool) or not isinstance(d, (int, Tensor)):
+        raise TypeError(f"domain must be an int or an int64 tensor of shape (N,), got {type(d).__name__}")
+    _domain_stack.append(d)
+    try:
+        yield
+    finally:
+        _domain_stack.pop()
+
+
+def current_domain() -> Optional[Domain]:
+    """The domain set by the innermost :func:`domain` block, or None."""
+    return _domain_stack[-1] if _domain_stack else None
+
+
+def _resolve_domain(layer: nn.Module, d: Optional[Domain]) -> Domain:
+    if d is not None:
+        return d
+    d = current_domain()
+    if d is None:
+        raise RuntimeError(f"{type(layer).__name__} needs a domain: call it as layer(x, domain) or run the model "
+                           "inside `with unirep_kernels.domain(d):`")
+    return d
+
+
+def _check_4d(layer: nn.Module, x: Tensor) -> None:
+    if x.dim() != 4:
+        raise ValueError(f"{type(layer).__name__}: expected a 4D input (N, C, H, W), got shape {tuple(x.shape)}")
+
+
+def _load_broadcast(module: nn.Module, state_dict, prefix: str, names) -> None:
+    """Let a (C,) tensor from a plain norm layer's state dict fill every row of a (D, C) one."""
+    for name in names:
+        key = prefix + name
+        mine = getattr(module, name, None)
+        incoming = state_dict.get(key)
+        if mine is None or incoming is None or mine.dim() != 2 or incoming.dim() != 1:
+            continue
+        if incoming.shape[0] == mine.shape[1]:
+            state_dict[key] = incoming.unsqueeze(0).expand_as(mine).clone()
+
+
+class DomainBatchNorm2d(nn.Module):
+    """Batch normalization with per-domain (or universal) scale/bias and moments.
+
+    Args:
+        num_features: channels C.
+        num_domains: domains D.
+        eps, momentum: as in ``nn.BatchNorm2d`` (momentum must be a float).
+        affine: learn a scale and bias.
+        domain_affine: one scale/bias per domain, (D, C); else one shared, (C,).
+        domain_stats: batch statistics per domain and running moments per domain, (D, C);
+            else whole-batch statistics and universal running moments, (C,).
+        track_running_stats: keep running moments (used at eval).
+        batch_stats_at_eval: normalize by batch statistics at eval too (the paper's BN+).
+        relu: fuse a ReLU into the output.
+        backend: pin a backend for this layer (default: the global selection).
+    """
+
+    def __init__(self, num_features: int, num_domains: int, eps: float = 1e-5, momentum: float = 0.1,
+                 affine: bool = True, domain_affine: bool = True, domain_stats: bool = True,
+                 track_running_stats: bool = True, batch_stats_at_eval: bool = False, relu: bool = False,
+                 backend: Optional[str] = None) -> None:
+        super().__init__()
+        if momentum is None:
+            raise ValueError("DomainBatchNorm2d: momentum=None (cumulative average) is not supported; give a float")
+        self.num_features, self.num_domains = num_features, num_domains
+        self.eps, self.momentum = eps, momentum
+        self.affine, self.domain_affine, self.domain_stats = affine, domain_affine, domain_stats
+        self.track_running_stats, self.batch_stats_at_eval = track_running_stats, batch_stats_at_eval
+        self.relu, self.backend = relu, backend
+        param_shape = (num_domains, num_features) if domain_affine else (num_features,)
+        stat_shape = (num_domains, num_features) if domain_stats else (num_features,)
+        if affine:
+            self.weight = nn.Parameter(torch.ones(param_shape))
+            self.bias = nn.Parameter(torch.zeros(param_shape))
+        else:
+            self.register_parameter("weight", None)
+            self.register_parameter("bias", None)
+        if track_running_stats:
+            self.register_buffer("running_mean", torch.zeros(stat_shape))
+            self.register_buffer("running_var", torch.ones(stat_shape))
+            self.register_buffer("num_batches_tracked", torch.tensor(0, dtype=torch.long))
+        else:
+            self.register_buffer("running_mean", None)
+            self.register_buffer("running_var", None)
+            self.register_buffer("num_batches_tracked", None)
+
+    def reset_running_stats(self) -> None:
+        if self.track_running_stats:
+            self.running_mean.zero_()
+            self.running_var.fill_(1)
+            self.num_batches_tracked.zero_()
+
+    def forward(self, x: Tensor, domain: Optional[Domain] = None) -> Tensor:
+        _check_4d(self, x)
+        d = _resolve_domain(self, domain)
+        use_batch_stats = self.training or self.batch_stats_at_eval or not self.track_running_stats
+        update = self.training and self.track_running_stats
+        if update:
+            self.num_batches_tracked.add_(1)
+        stats = (self.running_mean, self.running_var) if (update or not use_batch_stats) else (None, None)
+        return domain_batch_norm(x, d, self.weight, self.bias, *stats, num_domains=self.num_domains,
+                                 use_batch_stats=use_batch_stats, stats_per_domain=self.domain_stats,
+                                 momentum=self.momentum, eps=self.eps, relu=self.relu, backend=self.backend)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        _load_broadcast(self, state_dict, prefix, ("weight", "bias", "running_mean", "running_var"))
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+    def extra_repr(self) -> str:
+        return (f"{self.num_features}, num_domains={self.num_domains}, eps={self.eps}, momentum={self.momentum}, "
+                f"affine={'domain' if self.domain_affine else 'universal'}"
+                f"{'' if self.affine else ' (off)'}, stats={'domain' if self.domain_stats else 'universal'}, "
+                f"track_running_stats={self.track_running_stats}, batch_stats_at_eval={self.batch_stats_at_eval}, "
+                f"relu={self.relu}")
+
+
+class DomainInstanceNorm2d(nn.Module):
+    """Instance normalization followed by a per-domain (or universal) scale and bias."""
+
+    def __init__(self, num_features: int, num_domains: int, eps: float = 1e-5, affine: bool = True,
+                 domain_affine: bool = True, relu: bool = False, backend: Optional[str] = None) -> None:
+        super().__init__()
+        self.num_features, self.num_domains, self.eps = num_features, num_domains, eps
+        self.affine, self.domain_affine, self.relu, self.backend = affine, domain_affine, relu, backend
+        shape = (num_domains, num_features) if domain_affine else (num_features,)
+        if affine:
+            self.weight = nn.Parameter(torch.ones(shape))
+            self.bias = nn.Parameter(torch.zeros(shape))
+        else:
+            self.register_parameter("weight", None)
+            self.register_parameter("bias", None)
+
+    def forward(self, x: Tensor, domain: Optional[Domain] = None) -> Tensor:
+        _check_4d(self, x)
+        return domain_instance_norm(x, _resolve_domain(self, domain), self.weight, self.bias,
+                                    num_domains=self.num_domains, eps=self.eps, relu=self.relu, backend=self.backend)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        _load_broadcast(self, state_dict, prefix, ("weight", "bias"))
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+    def extra_repr(self) -> str:
+        return (f"{self.num_features}, num_domains={self.num_domains}, eps={self.eps}, "
+                f"affine={'domain' if self.domain_affine else 'universal'}{'' if self.affine else ' (off)'}, "
+                f"relu={self.relu}")
+
+
+class DomainScale2d(nn.Module):
+    """The paper's domain-specific scaling layer: y = s_d * x + b_d, per channel."""
+
+    def __init__(self, num_features: int, num_domains: int) -> None:
+        super().__init__()
+        self.num_features, self.num_domains = num_features, num_domains
+        self.weight = nn.Parameter(torch.ones(num_domains, num_features))
+        self.bias = nn.Parameter(torch.zeros(num_domains, num_features))
+
+    def forward(self, x: Tensor, domain: Optional[Domain] = None) -> Tensor:
+        _check_4d(self, x)
+        d = _resolve_domain(self, domain)
+        if isinstance(d, int):
+            if not 0 <= d < self.num_domains:
+                raise ValueError(f"DomainScale2d: domain must lie in [0, {self.num_domains}), got {d}")
+            w, b = self.weight[d].view(1, -1, 1, 1), self.bias[d].view(1, -1, 1, 1)
+        else:
+            if d.dtype != torch.int64 or d.shape != (x.shape[0],):
+                raise ValueError(f"DomainScale2d: domain tensor must be int64 of shape ({x.shape[0]},)")
+            w = self.weight.index_select(0, d)[:, :, None, None]
+            b = self.bias.index_select(0, d)[:, :, None, None]
+        return torch.addcmul(b.to(x.dtype), x, w.to(x.dtype))
+
+    def extra_repr(self) -> str:
+        return f"{self.num_features}, num_domains={self.num_domains}"
+
+
+def convert_domain_norm(module: nn.Module, num_domains: int, *, domain_affine: bool = True,
+                        domain_stats: bool = True, batch_stats_at_eval: bool = False,
+                        backend: Optional[str] = None) -> nn.Module:
+    """Replace every ``nn.BatchNorm2d`` / ``nn.InstanceNorm2d`` in ``module`` by its domain
+    version, copying weights and running stats into every domain row.
+
+    Returns the converted module (``module`` itself is modified in place when it is not a
+    norm layer). Run the result with ``with unirep_kernels.domain(d): model(x)``.
+    """
+    converted = _convert_one(module, num_domains, domain_affine, domain_stats, batch_stats_at_eval, backend)
+    if converted is not module:
+        return converted
+    for name, child in module.named_children():
+        new = convert_domain_norm(child, num_domains, domain_affine=domain_affine, domain_stats=domain_stats,
+                                  batch_stats_at_eval=batch_stats_at_eval, backend=backend)
+        if new is not child:
+            setattr(module, name, new)
+    return module
+
+
+def _convert_one(m: nn.Module, num_domains: int, domain_affine: bool, domain_stats: bool,
+                 batch_stats_at_eval: bool, backend: Optional[str]) -> nn.Module:
+    if isinstance(m, nn.BatchNorm2d):
+        if m.momentum is None:
+            raise ValueError("convert_domain_norm: BatchNorm2d with momentum=None is not supported")
+        new = DomainBatchNorm2d(m.num_features, num_domains, eps=m.eps, momentum=m.momentum, affine=m.affine,
+                                domain_affine=domain_affine, domain_stats=domain_stats,
+                                track_running_stats=m.track_running_stats,
+                                batch_stats_at_eval=batch_stats_at_eval, backend=backend)
+        new.load_state_dict(m.state_dict())
+    elif isinstance(m, nn.InstanceNorm2d):
+        if m.track_running_stats:
+            raise ValueError("convert_domain_norm: InstanceNorm2d with track_running_stats=True is not supported")
+        new = DomainInstanceNorm2d(m.num_features, num_domains, eps=m.eps, affine=m.affine,
+                                   domain_affine=domain_affine, backend=backend)
+        new.load_state_dict(m.state_dict())
+    else:
+        return m
+    ref = next(iter(m.state_dict().values()), None)
+    if ref is not None:
+        new = new.to(device=ref.device)
+    new.train(m.training)
+    return new

@@ -1,0 +1,198 @@
+"""Public functional API of the op contract, and the torch.library registrations of the
+compiled ops (fake kernels for tracing, autograd formulas).
+
+``domain_batch_norm`` and ``domain_instance_norm`` validate their inputs, pick a backend
+(:mod:`unirep_kernels.backends`) and run it. The compiled backends ("cpp", and "cuda" when
+built) go through ``torch.ops.unirep.*``, whose schemas live in ``csrc/ops.cpp``:
+
+- ``domain_batch_norm_forward`` / ``_backward``: functional; the forward returns y plus the
+  statistics it normalized with (per stat group) and each domain's value count.
+- ``domain_instance_norm_forward`` / ``_backward``.
+- ``update_running_stats``: mutates ``running_mean`` / ``running_var`` in place (declared
+  ``Tensor(a!)`` in the schema), from the forward's statistics.
+
+Splitting the running-stat update from the differentiable forward keeps the forward
+functional, which is what ``torch.library.register_autograd`` and ``torch.compile`` need.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Union
+
+import torch
+from torch import Tensor
+
+from . import reference
+from ._checks import check_batch_norm, check_instance_norm
+from .backends import extension_loaded, resolve_backend
+
+Domain = Union[int, Tensor]
+
+
+def domain_batch_norm(x: Tensor, domain: Domain, weight: Optional[Tensor] = None, bias: Optional[Tensor] = None,
+                      running_mean: Optional[Tensor] = None, running_var: Optional[Tensor] = None, *,
+                      num_domains: int, use_batch_stats: bool, stats_per_domain: bool = True,
+                      momentum: float = 0.1, eps: float = 1e-5, relu: bool = False,
+                      backend: Optional[str] = None) -> Tensor:
+    """Domain-muxed batch normalization.
+
+    Args:
+        x: (N, C, *spatial), float32/float16/bfloat16/float64, contiguous or channels_last.
+        domain: an int (pure batch: every sample is from that domain) or an int64 tensor of
+            shape (N,) on x's device (mixed batch).
+        weight, bias: (num_domains, C) per domain, (C,) universal, or None.
+        running_mean, running_var: (num_domains, C) per-domain moments, (C,) universal, or
+            None (not tracked).
+        num_domains: number of domains D.
+        use_batch_stats: normalize by statistics of the batch itself (training, BN+) and
+            update the given running stats in place; False: normalize each sample by the
+            running stats of its own domain.
+        stats_per_domain: with batch stats, one stat group per domain (True) or the whole
+            batch (False).
+        momentum, eps: as in ``torch.nn.functional.batch_norm``.
+        relu: apply a ReLU to the output in the same pass.
+        backend: "auto", "reference", "cpp", "cuda" or "triton"; None follows
+            :func:`unirep_kernels.use_backend` / ``UNIREP_BACKEND`` / "auto".
+
+    Returns:
+        y with x's shape, dtype and memory format.
+
+    Running stats are updated only for stat groups present in the batch; universal (C,)
+    running stats with per-domain groups are updated by each present group in increasing
+    domain order. Gradients flow to x, weight and bias.
+    """
+    domain_tensor, pure = check_batch_norm(x, domain, weight, bias, running_mean, running_var, num_domains,
+                                           use_batch_stats, stats_per_domain, momentum, eps)
+    name = resolve_backend(backend, x.device)
+    if name == "reference":
+        return reference.domain_batch_norm(x, domain, weight, bias, running_mean, running_var,
+                                           num_domains=num_domains, use_batch_stats=use_batch_stats,
+                                           stats_per_domain=stats_per_domain, momentum=momentum, eps=eps, relu=relu)
+    if name not in ("cpp", "cuda"):
+        raise NotImplementedError(f"domain_batch_norm: backend {name!r} has no implementation yet")
+    normalize_by_running = not use_batch_stats
+    y, mean, var, count = torch.ops.unirep.domain_batch_norm_forward(
+        x, domain_tensor, pure, weight, bias,
+        running_mean if normalize_by_running else None, running_var if normalize_by_running else None,
+        num_domains, use_batch_stats, stats_per_domain, eps, relu)
+    if use_batch_stats and running_mean is not None:
+        torch.ops.unirep.update_running_stats(running_mean, running_var, mean, var, count, momentum)
+    return y
+
+
+def domain_instance_norm(x: Tensor, domain: Domain, weight: Optional[Tensor] = None, bias: Optional[Tensor] = None,
+                         *, num_domains: int, eps: float = 1e-5, relu: bool = False,
+                         backend: Optional[str] = None) -> Tensor:
+    """Instance normalization (statistics per sample and channel over the spatial dims)
+    followed by the affine of each sample's domain.
+
+    Arguments as in :func:`domain_batch_norm`; ``weight``/``bias`` are (num_domains, C),
+    (C,) or None. Returns y with x's shape, dtype and memory format.
+    """
+    domain_tensor, pure = check_instance_norm(x, domain, weight, bias, num_domains, eps)
+    name = resolve_backend(backend, x.device)
+    if name == "reference":
+        return reference.domain_instance_norm(x, domain, weight, bias, num_domains=num_domains, eps=eps, relu=relu)
+    if name not in ("cpp", "cuda"):
+        raise NotImplementedError(f"domain_instance_norm: backend {name!r} has no implementation yet")
+    y, _, _ = torch.ops.unirep.domain_instance_norm_forward(x, domain_tensor, pure, weight, bias, num_domains, eps,
+                                                            relu)
+    return y
+
+
+# --------------------------------------------------------------------------------------
+# torch.library registrations for the compiled ops (only when the extension loaded).
+
+
+def output_memory_format(x: Tensor) -> torch.memory_format:
+    """The layout the kernels give y and grad_x: x's when contiguous or channels_last."""
+    if x.dim() > 2 and not x.is_contiguous():
+        if x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last):
+            return torch.channels_last
+        if x.dim() == 5 and x.is_contiguous(memory_format=torch.channels_last_3d):
+            return torch.channels_last_3d
+    return torch.contiguous_format
+
+
+def _param_grad_like(p: Optional[Tensor], x: Tensor) -> Tensor:
+    if p is not None:
+        return torch.empty_like(p, memory_format=torch.contiguous_format)
+    return x.new_empty((x.shape[1],), dtype=reference.accumulation_dtype(x.dtype))
+
+
+def _register() -> None:
+    lib = "unirep::"
+
+    @torch.library.register_fake(lib + "domain_batch_norm_forward")
+    def _bn_forward_fake(x, domain, pure_domain, weight, bias, running_mean, running_var, num_domains,
+                         use_batch_stats, stats_per_domain, eps, relu):
+        acc = reference.accumulation_dtype(x.dtype)
+        if use_batch_stats:
+            rows = num_domains if stats_per_domain else 1
+        else:
+            rows = running_mean.shape[0] if running_mean.dim() == 2 else 1
+        y = torch.empty_like(x, memory_format=output_memory_format(x))
+        stats = x.new_empty((rows, x.shape[1]), dtype=acc)
+        return y, stats, torch.empty_like(stats), x.new_empty((num_domains,), dtype=acc)
+
+    @torch.library.register_fake(lib + "domain_batch_norm_backward")
+    def _bn_backward_fake(grad_y, x, domain, pure_domain, weight, bias, mean, var, count, num_domains,
+                          use_batch_stats, stats_per_domain, eps, relu):
+        return (torch.empty_like(x, memory_format=output_memory_format(x)), _param_grad_like(weight, x),
+                _param_grad_like(bias, x))
+
+    @torch.library.register_fake(lib + "domain_instance_norm_forward")
+    def _in_forward_fake(x, domain, pure_domain, weight, bias, num_domains, eps, relu):
+        acc = reference.accumulation_dtype(x.dtype)
+        stats = x.new_empty((x.shape[0], x.shape[1]), dtype=acc)
+        return torch.empty_like(x, memory_format=output_memory_format(x)), stats, torch.empty_like(stats)
+
+    @torch.library.register_fake(lib + "domain_instance_norm_backward")
+    def _in_backward_fake(grad_y, x, domain, pure_domain, weight, bias, mean, var, num_domains, eps, relu):
+        return (torch.empty_like(x, memory_format=output_memory_format(x)), _param_grad_like(weight, x),
+                _param_grad_like(bias, x))
+
+    @torch.library.register_fake(lib + "update_running_stats")
+    def _update_fake(running_mean, running_var, mean, var, count, momentum):
+        return None
+
+    def _bn_setup(ctx, inputs, output):
+        x, domain, pure_domain, weight, bias, _, _, num_domains, use_batch_stats, stats_per_domain, eps, relu = inputs
+        _, mean, var, count = output
+        ctx.mark_non_differentiable(mean, var, count)
+        ctx.save_for_backward(x, domain, weight, bias, mean, var, count)
+        ctx.options = (pure_domain, num_domains, use_batch_stats, stats_per_domain, eps, relu)
+
+    def _bn_backward(ctx, grad_y, _grad_mean, _grad_var, _grad_count):
+        x, domain, weight, bias, mean, var, count = ctx.saved_tensors
+        pure_domain, num_domains, use_batch_stats, stats_per_domain, eps, relu = ctx.options
+        grad_x, grad_w, grad_b = torch.ops.unirep.domain_batch_norm_backward(
+            grad_y, x, domain, pure_domain, weight, bias, mean, var, count, num_domains, use_batch_stats,
+            stats_per_domain, eps, relu)
+        needs = ctx.needs_input_grad
+        return (grad_x if needs[0] else None, None, None, grad_w if needs[3] else None,
+                grad_b if needs[4] else None) + (None,) * 7
+
+    torch.library.register_autograd(lib + "domain_batch_norm_forward", _bn_backward, setup_context=_bn_setup)
+
+    def _in_setup(ctx, inputs, output):
+        x, domain, pure_domain, weight, bias, num_domains, eps, relu = inputs
+        _, mean, var = output
+        ctx.mark_non_differentiable(mean, var)
+        ctx.save_for_backward(x, domain, weight, bias, mean, var)
+        ctx.options = (pure_domain, num_domains, eps, relu)
+
+    def _in_backward(ctx, grad_y, _grad_mean, _grad_var):
+        x, domain, weight, bias, mean, var = ctx.saved_tensors
+        pure_domain, num_domains, eps, relu = ctx.options
+        grad_x, grad_w, grad_b = torch.ops.unirep.domain_instance_norm_backward(
+            grad_y, x, domain, pure_domain, weight, bias, mean, var, num_domains, eps, relu)
+        needs = ctx.needs_input_grad
+        return (grad_x if needs[0] else None, None, None, grad_w if needs[3] else None,
+                grad_b if needs[4] else None) + (None,) * 3
+
+    torch.library.register_autograd(lib + "domain_instance_norm_forward", _in_backward, setup_context=_in_setup)
+
+
+if extension_loaded():
+    _register()

@@ -1,0 +1,161 @@
+"""Pure-PyTorch implementation of the op contract: the oracle every backend is tested against.
+
+It is written for clarity, not speed: every statistic is computed in the accumulation
+dtype (float64 for float64 inputs, float32 otherwise) with a two-pass (mean, then centred
+squares) algorithm, so inputs with a large mean such as ``1e4 + randn`` stay accurate.
+Autograd differentiates it directly; no hand-written backward is involved, which is
+exactly what makes it a good oracle for the fused backends' backward kernels.
+
+The functions take already-validated arguments (see :mod:`unirep_kernels._checks`); the
+public entry points in :mod:`unirep_kernels.ops` validate and then dispatch here when the
+``"reference"`` backend is selected.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Tuple, Union
+
+import torch
+from torch import Tensor
+
+Domain = Union[int, Tensor]
+
+
+def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
+    """float64 stays float64; float32, float16 and bfloat16 accumulate in float32."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def sample_domains(domain: Domain, batch_size: int, device: torch.device) -> Tensor:
+    """The domain of every sample as an int64 tensor of shape (N,)."""
+    if isinstance(domain, int):
+        return torch.full((batch_size,), domain, dtype=torch.long, device=device)
+    return domain
+
+
+def _rows_per_sample(table: Optional[Tensor], rows: Tensor, acc: torch.dtype) -> Optional[Tensor]:
+    """(R, C) table -> (N, C) by each sample's row; a (C,) table is shared by all samples."""
+    if table is None:
+        return None
+    table = table.to(acc)
+    if table.dim() == 1:
+        return table.unsqueeze(0).expand(rows.numel(), -1)
+    return table.index_select(0, rows)
+
+
+def _normalize(xf: Tensor, mean: Tensor, invstd: Tensor, weight: Optional[Tensor],
+               bias: Optional[Tensor], relu: bool) -> Tensor:
+    """(x - mean) * invstd * weight + bias with every table given per (sample, channel)."""
+    y = (xf - mean.unsqueeze(-1)) * invstd.unsqueeze(-1)
+    if weight is not None:
+        y = y * weight.unsqueeze(-1)
+    if bias is not None:
+        y = y + bias.unsqueeze(-1)
+    return torch.relu(y) if relu else y
+
+
+def _restore(y: Tensor, x: Tensor) -> Tensor:
+    """Back to x's shape, dtype and memory format."""
+    y = y.reshape(x.shape).to(x.dtype)
+    if x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
+        y = y.contiguous(memory_format=torch.channels_last)
+    elif x.dim() == 5 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last_3d):
+        y = y.contiguous(memory_format=torch.channels_last_3d)
+    return y
+
+
+def group_moments(x: Tensor, groups: Tensor, num_groups: int) -> Tuple[Tensor, Tensor, Tensor]:
+    """Mean and biased variance of every (group, channel), and each group's element count.
+
+    ``groups`` gives each sample's group (int64, (N,)). Returns ``mean`` and ``var`` of shape
+    (num_groups, C) in the accumulation dtype (rows of empty groups are 0) and ``count`` of
+    shape (num_groups,) (number of values per channel: samples x spatial size).
+    """
+    acc = accumulation_dtype(x.dtype)
+    n, c = x.shape[0], x.shape[1]
+    xf = x.to(acc).reshape(n, c, -1)
+    spatial = xf.shape[-1]
+    member = torch.nn.functional.one_hot(groups, num_groups).to(acc)  # (N, G)
+    count = member.sum(0) * spatial
+    safe_count = count.clamp(min=1).unsqueeze(-1)
+    # First pass: means. Subtracting each plane's first value keeps float32 sums small
+    # for inputs with a large offset.
+    shift = xf[:, :, :1]
+    plane_mean = shift.squeeze(-1) + (xf - shift).mean(-1)
+    mean = member.t() @ (plane_mean * spatial) / safe_count
+    # Second pass: centred squares around the group mean.
+    centred = xf - mean.index_select(0, groups).unsqueeze(-1)
+    var = member.t() @ centred.square().sum(-1) / safe_count
+    return mean, var, count
+
+
+def domain_batch_norm(x: Tensor, domain: Domain, weight: Optional[Tensor], bias: Optional[Tensor],
+                      running_mean: Optional[Tensor], running_var: Optional[Tensor], *,
+                      num_domains: int, use_batch_stats: bool, stats_per_domain: bool = True,
+                      momentum: float = 0.1, eps: float = 1e-5, relu: bool = False) -> Tensor:
+    """Domain-muxed batch normalization (see DESIGN.md, "The op contract")."""
+    acc = accumulation_dtype(x.dtype)
+    n, c = x.shape[0], x.shape[1]
+    xf = x.to(acc).reshape(n, c, -1)
+    domains = sample_domains(domain, n, x.device)
+    w = _rows_per_sample(weight, domains, acc)
+    b = _rows_per_sample(bias, domains, acc)
+    if use_batch_stats:
+        num_groups = num_domains if stats_per_domain else 1
+        groups = domains if stats_per_domain else torch.zeros_like(domains)
+        mean, var, count = group_moments(x, groups, num_groups)
+        sample_mean = mean.index_select(0, groups)
+        sample_invstd = torch.rsqrt(var.index_select(0, groups) + eps)
+        if running_mean is not None:
+            domain_count = torch.bincount(domains, minlength=num_domains).to(acc) * xf.shape[-1]
+            with torch.no_grad():
+                update_running_stats(running_mean, running_var, mean.detach(), var.detach(),
+                                     domain_count, momentum)
+    else:
+        sample_mean = _rows_per_sample(running_mean, domains, acc)
+        sample_invstd = torch.rsqrt(_rows_per_sample(running_var, domains, acc) + eps)
+    return _restore(_normalize(xf, sample_mean, sample_invstd, w, b, relu), x)
+
+
+def domain_instance_norm(x: Tensor, domain: Domain, weight: Optional[Tensor], bias: Optional[Tensor],
+                         *, num_domains: int, eps: float = 1e-5, relu: bool = False) -> Tensor:
+    """Instance normalization followed by the affine of each sample's domain."""
+    acc = accumulation_dtype(x.dtype)
+    n, c = x.shape[0], x.shape[1]
+    xf = x.to(acc).reshape(n, c, -1)
+    domains = sample_domains(domain, n, x.device)
+    var, mean = torch.var_mean(xf, dim=-1, unbiased=False)
+    y = _normalize(xf, mean, torch.rsqrt(var + eps), _rows_per_sample(weight, domains, acc),
+                   _rows_per_sample(bias, domains, acc), relu)
+    return _restore(y, x)
+
+
+def update_running_stats(running_mean: Tensor, running_var: Tensor, mean: Tensor, var: Tensor,
+                         count: Tensor, momentum: float) -> None:
+    """Update running moments in place from the statistics of one batch.
+
+    ``mean``/``var`` (biased) are per stat group: (D, C) when groups are domains, (1, C)
+    when the group is the whole batch. ``count`` (D,) is the number of values per channel
+    each domain contributed to the batch; a domain with count 0 is absent and its running
+    row stays untouched. The variance is stored unbiased (PyTorch's rule, n / (n - 1)).
+
+    - running (D, C), groups per domain: row d takes group d, for every present d.
+    - running (D, C), one group: every present domain's row takes the whole-batch group.
+    - running (C,), one group: one update.
+    - running (C,), groups per domain: one update per present group, in increasing domain
+      order, as if the groups had come as consecutive pure batches (round-robin).
+    """
+    per_domain_groups = mean.shape[0] == count.numel()  # G == D (also true when D == 1)
+    present = [d for d in range(count.numel()) if count[d] > 0]
+    if per_domain_groups:
+        updates = [(d, d, count[d]) for d in present]  # (running row, group, values)
+    elif running_mean.dim() == 2:
+        updates = [(d, 0, count.sum()) for d in present]
+    else:
+        updates = [(None, 0, count.sum())]
+    for row, g, n in updates:
+        unbiased = var[g] * n / (n - 1)
+        rm = running_mean if row is None or running_mean.dim() == 1 else running_mean[row]
+        rv = running_var if row is None or running_var.dim() == 1 else running_var[row]
+        rm.mul_(1 - momentum).add_(momentum * mean[g].to(rm.dtype))
+        rv.mul_(1 - momentum).add_(momentum * unbiased.to(rv.dtype))
