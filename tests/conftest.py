@@ -1,0 +1,87 @@
+"""Shared helpers: random inputs for the op contract, and the backends under test."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+import unirep_kernels
+
+# Backends compared with the reference: every compiled one available here.
+STATUS = unirep_kernels.backends()
+COMPILED_BACKENDS = [name for name in ("cpp", "cuda", "triton") if STATUS[name][0]]
+CPU_BACKENDS = [name for name in COMPILED_BACKENDS if name == "cpp"]
+HAS_CUDA = torch.cuda.is_available()
+
+# Without the extension the suite would silently test nothing: CI builds it, so a missing
+# extension there is a failure unless explicitly allowed.
+if not STATUS["cpp"][0] and not os.environ.get("UNIREP_ALLOW_NO_EXTENSION"):
+    raise RuntimeError(f"unirep_kernels._C is not available ({STATUS['cpp'][1]}); build it with "
+                       "`pip install --no-build-isolation .` or set UNIREP_ALLOW_NO_EXTENSION=1")
+
+
+def devices_for(backend: str):
+    return ["cuda"] if backend in ("cuda", "triton") else ["cpu"]
+
+
+def make_case(n=6, c=5, spatial=(4, 3), num_domains=3, mixed=True, absent=None, weight="domain", bias="domain",
+              stats="domain", dtype=torch.float64, channels_last=False, offset=0.0, device="cpu", seed=0):
+    """Random inputs for one call. ``weight``/``bias``/``stats`` are "domain" (D, C),
+    "universal" (C,) or None; ``absent`` names a domain left out of a mixed batch."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, c, *spatial, generator=g, dtype=torch.float64) * 1.7 + 0.3 + offset
+    # Per-domain shifts so that per-domain statistics really differ from whole-batch ones.
+    if mixed:
+        # Domains come in pairs so that every present domain has at least two samples
+        # (batch statistics of a 1x1 map need them); all allowed domains present if n allows.
+        choices = torch.tensor([d for d in range(num_domains) if d != absent], dtype=torch.long)
+        pairs = torch.randint(len(choices), ((n + 1) // 2,), generator=g)
+        pairs[: len(choices)] = torch.arange(len(choices))[: len(pairs)]
+        domain = choices[pairs].repeat_interleave(2)[:n]
+        if n % 2 and n > 1:
+            domain[-1] = domain[-2]  # odd n: the unpaired last sample joins the pair before it
+        domain = domain[torch.randperm(n, generator=g)]
+        x = x + domain.view(-1, *([1] * (x.dim() - 1))).to(x.dtype) * 0.8
+        domain = domain.to(device)
+    else:
+        domain = int(torch.randint(num_domains, (1,), generator=g))
+    x = x.to(dtype=dtype, device=device)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last if x.dim() == 4 else torch.channels_last_3d)
+
+    def table(kind, scale, shift):
+        if kind is None:
+            return None
+        shape = (num_domains, c) if kind == "domain" else (c,)
+        return (torch.randn(*shape, generator=g, dtype=torch.float64) * scale + shift).to(device)
+
+    weight_t = table(weight, 0.5, 1.0)
+    bias_t = table(bias, 0.5, 0.0)
+    running_mean = table(stats, 0.5, 0.0)
+    running_var = None if stats is None else (table(stats, 0.3, 0.0).abs() + 0.5)
+    return dict(x=x, domain=domain, weight=weight_t, bias=bias_t, running_mean=running_mean,
+                running_var=running_var, num_domains=num_domains)
+
+
+def cast_params(case, dtype):
+    """Parameters and running stats in ``dtype`` (float32 for half inputs, as layers keep)."""
+    out = dict(case)
+    for key in ("weight", "bias", "running_mean", "running_var"):
+        if out[key] is not None:
+            out[key] = out[key].to(dtype)
+    return out
+
+
+def clone_stats(case):
+    out = dict(case)
+    for key in ("running_mean", "running_var"):
+        if out[key] is not None:
+            out[key] = out[key].clone()
+    return out
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(1234)

@@ -1,0 +1,119 @@
+"""Every bad input of the contract gets a clear exception naming the argument, on every
+backend, and a failing call writes nothing to the running stats."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import unirep_kernels as uk
+from conftest import COMPILED_BACKENDS
+
+BACKENDS = ["reference"] + COMPILED_BACKENDS
+D, C = 3, 4
+
+
+def _good():
+    return dict(x=torch.randn(6, C, 3, 3), domain=torch.tensor([0, 1, 2, 0, 1, 2]), weight=torch.randn(D, C),
+                bias=torch.randn(D, C), running_mean=torch.randn(D, C), running_var=torch.rand(D, C) + 0.5)
+
+
+BAD_BATCH_NORM = [  # (change to the good inputs, extra kwargs, pattern the message must contain)
+    (dict(x=torch.randn(6)), {}, "x must have shape"),
+    (dict(x=torch.randint(0, 5, (6, C, 3, 3))), {}, "x has unsupported dtype"),
+    (dict(x=torch.randn(6, C + 1, 3, 3)), {}, "weight must have shape"),
+    (dict(domain=3), {}, r"domain must lie in \[0, num_domains=3\)"),
+    (dict(domain=-1), {}, r"domain must lie in \[0, num_domains=3\)"),
+    (dict(domain=torch.tensor([0, 1, 2, 0, 1, 3])), {}, r"domain values must lie in \[0, num_domains=3\), got 3"),
+    (dict(domain=torch.tensor([0, 1, 2, 0, 1, -2])), {}, r"domain values must lie in .* got -2"),
+    (dict(domain=torch.tensor([0, 1, 2])), {}, r"domain tensor must have shape \(N,\)"),
+    (dict(domain=torch.tensor([0, 1, 2, 0, 1, 2], dtype=torch.int32)), {}, "domain tensor must have dtype torch.int64"),
+    (dict(domain=torch.zeros(6, 1, dtype=torch.long)), {}, r"domain tensor must have shape \(N,\)"),
+    (dict(domain=1.5), {}, "domain must be an int or an int64 tensor"),
+    (dict(weight=torch.randn(D + 1, C)), {}, "weight must have shape"),
+    (dict(bias=torch.randn(C + 1)), {}, "bias must have shape"),
+    (dict(bias=torch.ones(D, C, dtype=torch.long)), {}, "bias must be a floating-point tensor"),
+    (dict(running_mean=torch.randn(C)), {}, "running_mean .* and running_var .* must have the same shape"),
+    (dict(running_var=torch.rand(D, C + 1)), {}, "running_var must have shape"),
+    (dict(running_var=None), {}, "running_mean and running_var must be given together"),
+    (dict(running_mean=None, running_var=None), dict(use_batch_stats=False), "use_batch_stats=False normalizes by"),
+    (dict(x=torch.randn(1, C, 1, 1), domain=0), {}, "expected more than 1 value per channel"),
+    (dict(x=torch.randn(4, C, 1, 1), domain=torch.tensor([0, 0, 1, 2])), {},
+     "expected more than 1 value per channel in every domain's stat group"),
+    (dict(x=torch.randn(0, C, 3, 3), domain=0), {}, "x must not be empty"),
+    ({}, dict(num_domains=0), "num_domains must be a positive int"),
+    ({}, dict(eps=0.0), "eps must be positive"),
+    ({}, dict(momentum=1.5), r"momentum must lie in \[0, 1\]"),
+]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("change,kwargs,pattern", BAD_BATCH_NORM)
+def test_bad_batch_norm_input_names_the_argument(backend, change, kwargs, pattern):
+    args = dict(_good(), **change)
+    before = {k: args[k].clone() for k in ("running_mean", "running_var") if isinstance(args[k], torch.Tensor)}
+    call = dict(num_domains=D, use_batch_stats=True, backend=backend)
+    call.update(kwargs)
+    with pytest.raises((ValueError, TypeError), match=pattern):
+        uk.domain_batch_norm(args["x"], args["domain"], args["weight"], args["bias"], args["running_mean"],
+                             args["running_var"], **call)
+    for key, value in before.items():
+        assert torch.equal(args[key], value), f"{key} was written by a failing call"
+
+
+def test_good_inputs_are_accepted():
+    """The baseline of the table above is valid, so each failure is due to its one change."""
+    for backend in BACKENDS:
+        args = _good()
+        y = uk.domain_batch_norm(*args.values(), num_domains=D, use_batch_stats=True, backend=backend)
+        assert y.shape == args["x"].shape
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_device_mismatch_is_reported(backend):
+    meta = torch.tensor([0, 1, 2, 0, 1, 2], device="meta")
+    args = _good()
+    with pytest.raises(ValueError, match="domain tensor is on meta"):
+        uk.domain_batch_norm(args["x"], meta, None, None, None, None, num_domains=D, use_batch_stats=True,
+                             backend=backend)
+    with pytest.raises(ValueError, match="weight is on meta"):
+        uk.domain_batch_norm(args["x"], 0, torch.ones(C, device="meta"), None, None, None, num_domains=D,
+                             use_batch_stats=True, backend=backend)
+
+
+BAD_INSTANCE_NORM = [
+    (dict(x=torch.randn(6, C)), {}, "expected more than 1 spatial value per channel"),
+    (dict(x=torch.randn(6, C, 3, 3).half().bool()), {}, "x has unsupported dtype"),
+    (dict(domain=torch.tensor([0, 1, 2, 0, 1, 5])), {}, "domain values must lie in"),
+    (dict(domain=7), {}, "domain must lie in"),
+    (dict(weight=torch.randn(C, D)), {}, "weight must have shape"),
+    ({}, dict(eps=-1.0), "eps must be positive"),
+]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("change,kwargs,pattern", BAD_INSTANCE_NORM)
+def test_bad_instance_norm_input_names_the_argument(backend, change, kwargs, pattern):
+    args = dict(_good(), **change)
+    call = dict(num_domains=D, backend=backend)
+    call.update(kwargs)
+    with pytest.raises((ValueError, TypeError), match=pattern):
+        uk.domain_instance_norm(args["x"], args["domain"], args["weight"], args["bias"], **call)
+
+
+@pytest.mark.parametrize("backend", COMPILED_BACKENDS)
+def test_kernels_check_domain_range_themselves(backend):
+    """The kernel-side guard (what protects torch.compile'd calls, where the Python value
+    checks are skipped) rejects an out-of-range domain before writing anything."""
+    args = _good()
+    bad = torch.tensor([0, 1, 2, 0, 1, 9])
+    rm = args["running_mean"].clone()
+    with pytest.raises((ValueError, RuntimeError), match="domain values must lie in"):
+        torch.ops.unirep.domain_batch_norm_forward(args["x"], bad, -1, None, None, None, None, D, True, True, 1e-5,
+                                                   False)
+    with pytest.raises((ValueError, RuntimeError), match="domain values must lie in"):
+        torch.ops.unirep.domain_instance_norm_forward(args["x"], bad, -1, None, None, D, 1e-5, False)
+    with pytest.raises((ValueError, RuntimeError), match="more than 1 value per channel in stat group"):
+        torch.ops.unirep.domain_batch_norm_forward(torch.randn(3, C, 1, 1), torch.tensor([0, 0, 1]), -1, None, None,
+                                                   None, None, D, True, True, 1e-5, False)
+    assert torch.equal(rm, args["running_mean"])

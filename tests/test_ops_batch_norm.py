@@ -1,0 +1,220 @@
+"""domain_batch_norm: every compiled backend against reference.py on random data."""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+
+import unirep_kernels as uk
+from conftest import COMPILED_BACKENDS, cast_params, clone_stats, devices_for, make_case
+
+SHAPES = [  # (N, C, spatial): 1x1, odd sizes, 1d, 3d and no spatial dims
+    (6, 5, (4, 3)), (9, 3, (1, 1)), (7, 4, (5,)), (4, 6, (3, 5)), (16, 8, (7, 7)), (12, 3, ()), (4, 3, (2, 3, 2)),
+]
+BATCHES = ["pure", "mixed", "mixed-absent"]
+AFFINES = [("domain", "domain"), ("universal", "universal"), ("domain", "universal"), (None, None)]
+STATS = ["domain", "universal", None]
+
+
+def _case(shape, num_domains, batch, weight, bias, stats, seed, **kw):
+    n, c, spatial = shape
+    absent = 1 if (batch == "mixed-absent" and num_domains > 1) else None
+    return make_case(n=n, c=c, spatial=spatial, num_domains=num_domains, mixed=batch != "pure", absent=absent,
+                     weight=weight, bias=bias, stats=stats, seed=seed, **kw)
+
+
+def _run(case, backend, **kw):
+    return uk.domain_batch_norm(case["x"], case["domain"], case["weight"], case["bias"], case["running_mean"],
+                                case["running_var"], num_domains=case["num_domains"], backend=backend, **kw)
+
+
+def _compare(case, backend, atol, rtol, **kw):
+    mine, ref = clone_stats(case), clone_stats(case)
+    y = _run(mine, backend, **kw)
+    y_ref = _run(ref, "reference", **kw)
+    assert y.dtype == case["x"].dtype and y.shape == case["x"].shape
+    torch.testing.assert_close(y, y_ref, atol=atol, rtol=rtol)
+    if case["running_mean"] is not None:
+        torch.testing.assert_close(mine["running_mean"], ref["running_mean"], atol=atol, rtol=rtol)
+        torch.testing.assert_close(mine["running_var"], ref["running_var"], atol=atol, rtol=rtol)
+        if kw.get("use_batch_stats"):
+            # The update really happened (the check above cannot pass by both doing nothing).
+            assert not torch.equal(mine["running_mean"], case["running_mean"])
+    return y
+
+
+@pytest.mark.parametrize("backend", COMPILED_BACKENDS)
+@pytest.mark.parametrize("num_domains", [1, 3, 10])
+@pytest.mark.parametrize("batch", BATCHES)
+@pytest.mark.parametrize("shape", SHAPES)
+def test_forward_matches_reference_float64(backend, shape, num_domains, batch):
+    combos = itertools.product(AFFINES, STATS, [True, False], [True, False], [False, True])
+    for seed, ((weight, bias), stats, use_batch_stats, per_domain, relu) in enumerate(combos):
+        if not use_batch_stats and stats is None:
+            continue
+        case = _case(shape, num_domains, batch, weight, bias, stats, seed, device=devices_for(backend)[0])
+        _compare(case, backend, atol=1e-10, rtol=1e-10, use_batch_stats=use_batch_stats,
+                 stats_per_domain=per_domain, relu=relu, momentum=0.3)
+
+
+@pytest.mark.parametrize("backend", COMPILED_BACKENDS)
+@pytest.mark.parametrize("shape", [(6, 5, (4, 3)), (5, 8, (1, 1)), (4, 3, (2, 3, 2))])
+@pytest.mark.parametrize("use_batch_stats", [True, False])
+def test_channels_last_keeps_layout_and_values(backend, shape, use_batch_stats):
+    for seed, (weight, bias) in enumerate(AFFINES):
+        case = _case(shape, 3, "mixed", weight, bias, "domain", seed, channels_last=True,
+                     device=devices_for(backend)[0])
+        y = _compare(case, backend, atol=1e-10, rtol=1e-10, use_batch_stats=use_batch_stats, relu=True)
+        fmt = torch.channels_last if len(shape[2]) == 2 else torch.channels_last_3d
+        if shape[2] != (1, 1):
+            assert y.is_contiguous(memory_format=fmt) and not y.is_contiguous()
+
+
+@pytest.mark.parametrize("backend", COMPILED_BACKENDS)
+def test_non_dense_input(backend):
+    """A strided view (neither contiguous nor channels_last) is still computed correctly."""
+    case = _case((8, 6, (5, 5)), 3, "mixed", "domain", "domain", "domain", 0, device=devices_for(backend)[0])
+    case["x"] = case["x"][:, ::2, :, 1:]
+    case["weight"], case["bias"] = case["weight"][:, ::2], case["bias"][:, ::2]
+    case["running_mean"], case["running_var"] = case["running_mean"][:, ::2], case["running_var"][:, ::2]
+    _compare(case, backend, atol=1e-10, rtol=1e-10, use_batch_stats=False)
+    _compare(case, backend, atol=1e-10, rtol=1e-10, use_batch_stats=True)
+
+
+@pytest.mark.parametrize("backend", COMPILED_BACKENDS)
+@pytest.mark.parametrize("batch", BATCHES)
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_float32_matches_float64_reference(backend, batch, channels_last):
+    for seed, (stats, per_domain, use_batch_stats) in enumerate(itertools.product(
+            ["domain", "universal"], [True, False], [True, False])):
+        case = _case((16, 8, (9, 7)), 4, batch, "domain", "universal", stats, seed, channels_last=channels_last,
+                     device=devices_for(backend)[0])
+        case32 = clone_stats(cast_params(dict(case, x=case["x"].float()), torch.float32))
+        ref = clone_stats(case)
+        kw = dict(use_batch_stats=use_batch_stats, stats_per_domain=per_domain, relu=True)
+        y = _run(case32, backend, **kw)
+        y_ref = _run(ref, "reference", **kw)
+        assert y.dtype == torch.float32
+        torch.testing.assert_close(y.double(), y_ref, atol=2e-5, rtol=2e-5)
+        torch.testing.assert_close(case32["running_var"].double(), ref["running_var"], atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("backend", COMPILED_BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("channels_last", [False, True])
+@pytest.mark.parametrize("use_batch_stats", [True, False])
+def test_half_precision_criterion(backend, dtype, channels_last, use_batch_stats):
+    """|ours - ref64| <= 2 |pytorch_lowprec - ref64| + atol, elementwise.
+
+    pytorch_lowprec is the reference computed on the same low-precision input (float32
+    accumulation, as PyTorch's own half batch norm does), rounded to the low precision.
+    """
+    case = _case((12, 6, (8, 8)), 3, "mixed-absent", "domain", "domain", "domain", 7, channels_last=channels_last,
+                 device=devices_for(backend)[0])
+    low = cast_params(dict(case, x=case["x"].to(dtype)), torch.float32)
+    ref64 = clone_stats(dict(case, x=low["x"].double()))  # same (rounded) input, exact arithmetic
+    kw = dict(use_batch_stats=use_batch_stats, relu=True)
+    y = _run(clone_stats(low), backend, **kw)
+    y_torch = _run(clone_stats(low), "reference", **kw)
+    y_ref = _run(ref64, "reference", **kw)
+    assert y.dtype == dtype
+    if channels_last:
+        assert y.is_contiguous(memory_format=torch.channels_last)
+    eps = torch.finfo(dtype).eps
+    err = (y.double() - y_ref).abs()
+    bound = 2 * (y_torch.double() - y_ref).abs() + eps * (1 + y_ref.abs())
+    assert (err <= bound).all(), f"max excess {(err - bound).max().item():.3g}"
+
+
+@pytest.mark.parametrize("backend", COMPILED_BACKENDS)
+@pytest.mark.parametrize("channels_last", [False, True])
+@pytest.mark.parametrize("batch", ["pure", "mixed"])
+def test_large_offset_is_stable(backend, channels_last, batch):
+    """x = 1e4 + randn in float32: the naive E[x^2] - E[x]^2 fails this, Welford/shifted passes."""
+    case = _case((32, 4, (16, 16)), 3, batch, "domain", "domain", "domain", 3, offset=1e4,
+                 channels_last=channels_last, device=devices_for(backend)[0])
+    case32 = clone_stats(cast_params(dict(case, x=case["x"].float()), torch.float32))
+    ref = clone_stats(dict(case, x=case32["x"].double()))
+    y = _run(case32, backend, use_batch_stats=True, momentum=1.0)
+    y_ref = _run(ref, "reference", use_batch_stats=True, momentum=1.0)
+    # 1e4 in float32 has a spacing of ~1e-3: that bounds any float32 result.
+    torch.testing.assert_close(y.double(), y_ref, atol=3e-3, rtol=0)
+    torch.testing.assert_close(case32["running_var"].double(), ref["running_var"], atol=0, rtol=1e-4)
+    torch.testing.assert_close(case32["running_mean"].double(), ref["running_mean"], atol=2e-3, rtol=0)
+    # The check can fail: the naive one-pass variance in float32 is far off on this data.
+    xf = case32["x"].float().transpose(0, 1).reshape(4, -1)
+    naive_var = (xf * xf).mean(1) - xf.mean(1) ** 2
+    true_var = case32["x"].double().transpose(0, 1).reshape(4, -1).var(1, unbiased=False)
+    assert ((naive_var.double() - true_var).abs() > 1e-2).any()
+
+
+@pytest.mark.parametrize("backend", COMPILED_BACKENDS)
+@pytest.mark.parametrize("batch", BATCHES)
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_backward_matches_reference(backend, batch, channels_last):
+    combos = itertools.product(AFFINES, ["domain", "universal"], [True, False], [True, False], [False, True])
+    for seed, ((weight, bias), stats, use_batch_stats, per_domain, relu) in enumerate(combos):
+        case = _case((10, 4, (3, 5)), 4, batch, weight, bias, stats, seed, channels_last=channels_last,
+                     device=devices_for(backend)[0])
+        grads = []
+        for name in (backend, "reference"):
+            c = clone_stats(case)
+            inputs = [c["x"].detach().clone().requires_grad_()]
+            for key in ("weight", "bias"):
+                if c[key] is not None:
+                    c[key] = c[key].detach().clone().requires_grad_()
+                    inputs.append(c[key])
+            c["x"] = inputs[0]
+            y = _run(c, name, use_batch_stats=use_batch_stats, stats_per_domain=per_domain, relu=relu)
+            g = torch.randn(y.shape, dtype=y.dtype, generator=torch.Generator().manual_seed(seed)).to(y.device)
+            grads.append(torch.autograd.grad(y, inputs, g))
+        for mine, ref in zip(*grads):
+            assert mine.shape == ref.shape
+            torch.testing.assert_close(mine, ref, atol=1e-9, rtol=1e-9)
+        if batch == "mixed-absent" and weight == "domain":
+            assert torch.count_nonzero(grads[0][1][1]) == 0  # absent domain: zero weight-grad row
+            assert torch.count_nonzero(grads[0][1][0]) > 0
+
+
+@pytest.mark.parametrize("backend", COMPILED_BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_backward_low_precision(backend, dtype):
+    case = _case((12, 6, (6, 6)), 3, "mixed", "domain", "domain", "domain", 11, device=devices_for(backend)[0])
+    low = cast_params(dict(case, x=case["x"].to(dtype)), torch.float32)
+    results = []
+    for name, c in ((backend, clone_stats(low)), ("reference", clone_stats(dict(case, x=low["x"].double())))):
+        x = c["x"].detach().clone().requires_grad_()
+        w = c["weight"].detach().clone().requires_grad_()
+        y = uk.domain_batch_norm(x, c["domain"], w, c["bias"], c["running_mean"], c["running_var"],
+                                 num_domains=3, use_batch_stats=True, backend=name)
+        g = torch.randn(y.shape, generator=torch.Generator().manual_seed(0)).to(y)
+        results.append(torch.autograd.grad(y, (x, w), g))
+    (gx, gw), (gx_ref, gw_ref) = results
+    assert gx.dtype == dtype and gw.dtype == torch.float32
+    tol = {torch.float32: 1e-4, torch.float16: 1e-2, torch.bfloat16: 6e-2}[dtype]
+    torch.testing.assert_close(gx.double(), gx_ref, atol=tol, rtol=tol)
+    torch.testing.assert_close(gw.double(), gw_ref, atol=tol * 10, rtol=tol)
+
+
+@pytest.mark.parametrize("backend", COMPILED_BACKENDS)
+def test_results_do_not_depend_on_thread_count(backend):
+    """Fixed-order reductions: bitwise equal results with 1 thread and with all of them."""
+    if backend != "cpp":
+        pytest.skip("thread count is a CPU notion")
+    case = _case((64, 16, (12, 12)), 5, "mixed", "domain", "domain", "domain", 5)
+    x = case["x"].float().requires_grad_()
+    outs = []
+    threads = torch.get_num_threads()
+    for n in (1, max(2, threads)):
+        torch.set_num_threads(n)
+        try:
+            c = clone_stats(cast_params(case, torch.float32))
+            y = _run(dict(c, x=x), backend, use_batch_stats=True)
+            (gx,) = torch.autograd.grad(y, x, torch.ones_like(y) + x.detach())
+            outs.append((y.detach(), gx, c["running_var"]))
+        finally:
+            torch.set_num_threads(threads)
+    for a, b in zip(*outs):
+        assert torch.equal(a, b)

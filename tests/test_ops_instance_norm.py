@@ -1,0 +1,81 @@
+"""domain_instance_norm: every compiled backend against reference.py on random data."""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+
+import unirep_kernels as uk
+from conftest import COMPILED_BACKENDS, cast_params, devices_for, make_case
+
+SHAPES = [(6, 5, (4, 3)), (5, 3, (1, 2)), (7, 4, (5,)), (3, 6, (9, 7)), (4, 3, (2, 3, 2))]
+AFFINES = [("domain", "domain"), ("universal", "universal"), ("universal", "domain"), (None, None)]
+
+
+def _run(case, backend, relu=False):
+    return uk.domain_instance_norm(case["x"], case["domain"], case["weight"], case["bias"],
+                                   num_domains=case["num_domains"], relu=relu, backend=backend)
+
+
+def _case(shape, num_domains, batch, weight, bias, seed, **kw):
+    n, c, spatial = shape
+    return make_case(n=n, c=c, spatial=spatial, num_domains=num_domains, mixed=batch != "pure",
+                     absent=1 if batch == "mixed-absent" and num_domains > 1 else None, weight=weight, bias=bias,
+                     stats=None, seed=seed, **kw)
+
+
+@pytest.mark.parametrize("backend", COMPILED_BACKENDS)
+@pytest.mark.parametrize("num_domains", [1, 3, 10])
+@pytest.mark.parametrize("batch", ["pure", "mixed", "mixed-absent"])
+@pytest.mark.parametrize("shape", SHAPES)
+def test_forward_and_backward_match_reference_float64(backend, shape, num_domains, batch):
+    for seed, ((weight, bias), relu, channels_last) in enumerate(itertools.product(AFFINES, [False, True],
+                                                                                     [False, True])):
+        if channels_last and len(shape[2]) < 2:
+            continue
+        case = _case(shape, num_domains, batch, weight, bias, seed, channels_last=channels_last,
+                     device=devices_for(backend)[0])
+        results = []
+        for name in (backend, "reference"):
+            x = case["x"].detach().clone().requires_grad_()
+            params = [case[k].detach().clone().requires_grad_() if case[k] is not None else None
+                      for k in ("weight", "bias")]
+            y = _run(dict(case, x=x, weight=params[0], bias=params[1]), name, relu)
+            inputs = [x] + [p for p in params if p is not None]
+            g = torch.randn(y.shape, dtype=y.dtype, generator=torch.Generator().manual_seed(seed)).to(y.device)
+            results.append((y,) + torch.autograd.grad(y, inputs, g))
+        for mine, ref in zip(*results):
+            torch.testing.assert_close(mine, ref, atol=1e-10, rtol=1e-10)
+        if channels_last:
+            assert results[0][0].stride() == case["x"].stride()
+
+
+@pytest.mark.parametrize("backend", COMPILED_BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_low_precision(backend, dtype, channels_last):
+    case = _case((6, 5, (10, 10)), 3, "mixed", "domain", "domain", 3, channels_last=channels_last,
+                 device=devices_for(backend)[0])
+    low = cast_params(dict(case, x=case["x"].to(dtype)), torch.float32)
+    y = _run(low, backend, relu=True)
+    y_torch = _run(low, "reference", relu=True)
+    y_ref = _run(dict(case, x=low["x"].double()), "reference", relu=True)
+    assert y.dtype == dtype
+    if dtype == torch.float32:  # not rounding-dominated: an ordinary float32 tolerance
+        torch.testing.assert_close(y.double(), y_ref, atol=1e-5, rtol=1e-5)
+        return
+    eps = torch.finfo(dtype).eps
+    err = (y.double() - y_ref).abs()
+    bound = 2 * (y_torch.double() - y_ref).abs() + eps * (1 + y_ref.abs())
+    assert (err <= bound).all(), f"max excess {(err - bound).max().item():.3g}"
+
+
+@pytest.mark.parametrize("backend", COMPILED_BACKENDS)
+def test_large_offset(backend):
+    case = _case((4, 3, (32, 32)), 2, "mixed", "domain", "domain", 1, offset=1e4, device=devices_for(backend)[0])
+    low = cast_params(dict(case, x=case["x"].float()), torch.float32)
+    y = _run(low, backend)
+    y_ref = _run(dict(case, x=low["x"].double()), "reference")
+    torch.testing.assert_close(y.double(), y_ref, atol=3e-3, rtol=0)
