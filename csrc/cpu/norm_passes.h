@@ -79,10 +79,14 @@ void plane_moments(const PlaneView& v, acc_t* pmean, acc_t* pm2) {
       for (int64_t p = begin; p < end; ++p) {
         const scalar_t* plane = x + p * S;
         const acc_t shift = static_cast<acc_t>(plane[0]);
+        // `omp simd reduction` lets the compiler split the sums over vector lanes (a fixed
+        // order for a given build, so results stay deterministic).
         acc_t sum = 0;
+#pragma omp simd reduction(+ : sum)
         for (int64_t s = 0; s < S; ++s) sum += static_cast<acc_t>(plane[s]) - shift;
         const acc_t mean = shift + sum / S;
         acc_t m2 = 0;
+#pragma omp simd reduction(+ : m2)
         for (int64_t s = 0; s < S; ++s) {
           const acc_t d = static_cast<acc_t>(plane[s]) - mean;
           m2 += d * d;
@@ -190,6 +194,7 @@ void plane_grad_sums(const PlaneView& v, const at::Tensor& dy, const int64_t* ro
         const scalar_t* in = x + p * S;
         const scalar_t* gp = g + p * S;
         acc_t s1 = 0, s2 = 0;
+#pragma omp simd reduction(+ : s1, s2)
         for (int64_t s = 0; s < S; ++s) {
           const acc_t xc = static_cast<acc_t>(in[s]) - m;
           acc_t gv = static_cast<acc_t>(gp[s]);
