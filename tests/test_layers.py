@@ -86,6 +86,15 @@ def test_domain_context_and_explicit_domain_agree(backend):
             pass
 
 
+def test_failing_layer_call_leaves_buffers_untouched():
+    bn = uk.DomainBatchNorm2d(3, 2)
+    before = {k: v.clone() for k, v in bn.state_dict().items()}
+    with pytest.raises(ValueError, match="domain values must lie in"):
+        bn(torch.randn(4, 3, 2, 2), torch.tensor([0, 1, 2, 0]))
+    for k, v in bn.state_dict().items():
+        assert torch.equal(v, before[k]), k
+
+
 def test_layers_reject_non_4d_input():
     with pytest.raises(ValueError, match="expected a 4D input"):
         uk.DomainBatchNorm2d(3, 2)(torch.randn(4, 3, 5), 0)

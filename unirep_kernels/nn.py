@@ -122,12 +122,13 @@ class DomainBatchNorm2d(nn.Module):
         d = _resolve_domain(self, domain)
         use_batch_stats = self.training or self.batch_stats_at_eval or not self.track_running_stats
         update = self.training and self.track_running_stats
-        if update:
-            self.num_batches_tracked.add_(1)
         stats = (self.running_mean, self.running_var) if (update or not use_batch_stats) else (None, None)
-        return domain_batch_norm(x, d, self.weight, self.bias, *stats, num_domains=self.num_domains,
-                                 use_batch_stats=use_batch_stats, stats_per_domain=self.domain_stats,
-                                 momentum=self.momentum, eps=self.eps, relu=self.relu, backend=self.backend)
+        y = domain_batch_norm(x, d, self.weight, self.bias, *stats, num_domains=self.num_domains,
+                              use_batch_stats=use_batch_stats, stats_per_domain=self.domain_stats,
+                              momentum=self.momentum, eps=self.eps, relu=self.relu, backend=self.backend)
+        if update:  # after the call: a failing call leaves every buffer untouched
+            self.num_batches_tracked.add_(1)
+        return y
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         _load_broadcast(self, state_dict, prefix, ("weight", "bias", "running_mean", "running_var"))
