@@ -15,39 +15,45 @@ from conftest import COMPILED_BACKENDS
 BACKENDS = ["reference"] + [b for b in COMPILED_BACKENDS if b == "cpp"]
 
 
+def _same_random_affine(ours, native):
+    """Random scale/bias in our one-domain layer, copied into the native layer."""
+    with torch.no_grad():
+        ours.weight.copy_(torch.randn_like(ours.weight))
+        ours.bias.copy_(torch.randn_like(ours.bias))
+        native.weight.copy_(ours.weight[0])
+        native.bias.copy_(ours.bias[0])
+
+
+def _outputs_and_grads(ours, native, x):
+    """Outputs and (x, weight, bias) gradients of both layers for one random cotangent."""
+    xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
+    ya, yb = ours(xa, 0), native(xb)
+    g = torch.randn_like(ya)
+    ga = torch.autograd.grad(ya, (xa, ours.weight, ours.bias), g)
+    gb = torch.autograd.grad(yb, (xb, native.weight, native.bias), g)
+    return (ya,) + tuple(a.reshape(b.shape) for a, b in zip(ga, gb)), (yb,) + gb
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("channels_last", [False, True])
 def test_one_domain_equals_batchnorm2d_over_training_steps(backend, channels_last):
     torch.manual_seed(0)
     ours = uk.DomainBatchNorm2d(6, 1, momentum=0.2, backend=backend).double()
     native = nn.BatchNorm2d(6, momentum=0.2).double()
-    with torch.no_grad():
-        ours.weight.copy_(torch.randn(1, 6))
-        ours.bias.copy_(torch.randn(1, 6))
-        native.weight.copy_(ours.weight[0])
-        native.bias.copy_(ours.bias[0])
+    _same_random_affine(ours, native)
     for step in range(4):
         x = torch.randn(8, 6, 5, 7, dtype=torch.float64) * (step + 1) + step
         if channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
-        xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
-        ya, yb = ours(xa, 0), native(xb)
-        torch.testing.assert_close(ya, yb)
-        g = torch.randn_like(ya)
-        ga = torch.autograd.grad(ya, (xa, ours.weight, ours.bias), g)
-        gb = torch.autograd.grad(yb, (xb, native.weight, native.bias), g)
-        torch.testing.assert_close(ga[0], gb[0])
-        torch.testing.assert_close(ga[1][0], gb[1])
-        torch.testing.assert_close(ga[2][0], gb[2])
+        mine, theirs = _outputs_and_grads(ours, native, x)
+        for a, b in zip(mine, theirs):
+            torch.testing.assert_close(a, b)
         torch.testing.assert_close(ours.running_mean[0], native.running_mean)
         torch.testing.assert_close(ours.running_var[0], native.running_var)
     ours.eval(), native.eval()
-    x = torch.randn(5, 6, 4, 4, dtype=torch.float64) + 2
-    xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
-    ya, yb = ours(xa, 0), native(xb)
-    torch.testing.assert_close(ya, yb)
-    g = torch.randn_like(ya)
-    torch.testing.assert_close(torch.autograd.grad(ya, xa, g)[0], torch.autograd.grad(yb, xb, g)[0])
+    mine, theirs = _outputs_and_grads(ours, native, torch.randn(5, 6, 4, 4, dtype=torch.float64) + 2)
+    for a, b in zip(mine, theirs):
+        torch.testing.assert_close(a, b)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -55,20 +61,11 @@ def test_one_domain_equals_instancenorm2d(backend):
     torch.manual_seed(1)
     ours = uk.DomainInstanceNorm2d(4, 1, backend=backend).double()
     native = nn.InstanceNorm2d(4, affine=True).double()
-    with torch.no_grad():
-        ours.weight.copy_(torch.randn(1, 4))
-        ours.bias.copy_(torch.randn(1, 4))
-        native.weight.copy_(ours.weight[0])
-        native.bias.copy_(ours.bias[0])
+    _same_random_affine(ours, native)
     x = torch.randn(3, 4, 6, 5, dtype=torch.float64) * 3 + 1
-    xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
-    ya, yb = ours(xa, 0), native(xb)
-    torch.testing.assert_close(ya, yb)
-    g = torch.randn_like(ya)
-    ga = torch.autograd.grad(ya, (xa, ours.weight, ours.bias), g)
-    gb = torch.autograd.grad(yb, (xb, native.weight, native.bias), g)
-    for a, b in zip(ga, gb):
-        torch.testing.assert_close(a.reshape(b.shape), b)
+    mine, theirs = _outputs_and_grads(ours, native, x)
+    for a, b in zip(mine, theirs):
+        torch.testing.assert_close(a, b)
     torch.testing.assert_close(ours.eval()(x, 0), native.eval()(x))  # no running stats: same in eval
 
 
