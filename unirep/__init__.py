@@ -7,5 +7,7 @@ kernels of :mod:`unirep_kernels`, whose layers are re-exported here.
 from unirep_kernels import (DomainBatchNorm2d, DomainInstanceNorm2d, DomainScale2d, convert_domain_norm,
                             domain, domain_batch_norm, domain_instance_norm)
 
-__all__ = ["DomainBatchNorm2d", "DomainInstanceNorm2d", "DomainScale2d", "convert_domain_norm", "domain",
+from .models import build_model
+
+__all__ = ["build_model", "DomainBatchNorm2d", "DomainInstanceNorm2d", "DomainScale2d", "convert_domain_norm", "domain",
            "domain_batch_norm", "domain_instance_norm"]

@@ -1,0 +1,347 @@
+"""Building blocks shared by the paper's models: normalization strategies, domain checks,
+per-domain routing, padded domain heads, parameter counting and the masked loss.
+
+Every module here is called as ``module(x, domain)``: ``domain`` is a Python int (a pure
+batch) or an int64 tensor of shape (N,) (a mixed batch, one domain per sample). The domain
+is always passed explicitly, never read from the ``unirep_kernels.domain`` context.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from typing import Callable, Dict, List, Optional, Sequence, Union
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from unirep_kernels import DomainBatchNorm2d, DomainInstanceNorm2d, DomainScale2d
+
+Domain = Union[int, Tensor]
+
+#: Normalization strategies (Table 4 of the paper, plus "none" of section 3.1):
+#: name -> (layer kind, scale/bias, moments).
+STRATEGIES: Dict[str, tuple] = {
+    "bn-universal": ("bn", "universal", "universal"),
+    "bn+": ("bn", "universal", "batch (also at test)"),
+    "bn-domain-moments": ("bn", "universal", "domain"),
+    "bn-domain": ("bn", "domain", "domain"),
+    "in-universal": ("in", "universal", "-"),
+    "in-domain": ("in", "domain", "-"),
+    "none": ("scale", "domain (after each conv)", "-"),
+}
+
+
+def check_strategy(strategy: str) -> str:
+    if not isinstance(strategy, str) or strategy not in STRATEGIES:
+        raise ValueError(f"unknown strategy {strategy!r}; expected one of {sorted(STRATEGIES)}")
+    return strategy
+
+
+def make_norm(strategy: str, channels: int, num_domains: int, relu: bool = True,
+              backend: Optional[str] = None) -> nn.Module:
+    """The normalization layer of ``strategy`` for ``channels`` channels and ``num_domains``
+    domains (ReLU fused when ``relu``). Not defined for ``strategy="none"``."""
+    if strategy == "bn-universal":
+        return DomainBatchNorm2d(channels, num_domains, domain_affine=False, domain_stats=False, relu=relu,
+                                 backend=backend)
+    if strategy == "bn+":
+        # Batch statistics at training and test time (per domain group, so a mixed batch
+        # normalizes every domain as its own pure batch would); no moments are kept.
+        return DomainBatchNorm2d(channels, num_domains, domain_affine=False, domain_stats=True,
+                                 track_running_stats=False, batch_stats_at_eval=True, relu=relu, backend=backend)
+    if strategy == "bn-domain-moments":
+        return DomainBatchNorm2d(channels, num_domains, domain_affine=False, domain_stats=True, relu=relu,
+                                 backend=backend)
+    if strategy == "bn-domain":
+        return DomainBatchNorm2d(channels, num_domains, domain_affine=True, domain_stats=True, relu=relu,
+                                 backend=backend)
+    if strategy == "in-universal":
+        return DomainInstanceNorm2d(channels, num_domains, domain_affine=False, relu=relu, backend=backend)
+    if strategy == "in-domain":
+        return DomainInstanceNorm2d(channels, num_domains, domain_affine=True, relu=relu, backend=backend)
+    raise ValueError(f"make_norm: no normalization layer for strategy {strategy!r}")
+
+
+class ConvNorm(nn.Module):
+    """conv -> normalization of the strategy -> ReLU (fused into the norm layer), or, for
+    ``strategy="none"``, conv -> DomainScale2d -> ReLU. The conv has no bias: the norm or
+    scaling layer that follows carries it."""
+
+    def __init__(self, cin: int, cout: int, kernel_size: int, stride: int = 1, padding: int = 0, groups: int = 1,
+                 *, strategy: str, num_domains: int, backend: Optional[str] = None) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(cin, cout, kernel_size, stride, padding, groups=groups, bias=False)
+        self.normalized = strategy != "none"
+        self.norm = (make_norm(strategy, cout, num_domains, relu=True, backend=backend) if self.normalized
+                     else DomainScale2d(cout, num_domains))
+
+    def forward(self, x: Tensor, domain: Domain) -> Tensor:
+        y = self.norm(self.conv(x), domain)
+        return y if self.normalized else F.relu(y)
+
+
+# --------------------------------------------------------------------------------------
+# Domains
+
+
+def check_domain(domain: Domain, batch_size: int, num_domains: int, device: torch.device, where: str) -> Domain:
+    """Validate ``domain`` for a batch of ``batch_size`` samples; returns an int or an int64
+    tensor (N,). Raises a clear error otherwise."""
+    if isinstance(domain, bool):
+        raise TypeError(f"{where}: domain must be an int or an int64 tensor of shape (N,), got bool")
+    if isinstance(domain, numbers.Integral):
+        domain = int(domain)
+        if not 0 <= domain < num_domains:
+            raise ValueError(f"{where}: domain must lie in [0, {num_domains}) (the model has {num_domains} "
+                             f"domains), got {domain}")
+        return domain
+    if not isinstance(domain, Tensor):
+        raise TypeError(f"{where}: domain must be an int or an int64 tensor of shape (N,), "
+                        f"got {type(domain).__name__}")
+    if domain.dtype != torch.int64:
+        raise TypeError(f"{where}: domain tensor must have dtype torch.int64, got {domain.dtype}")
+    if domain.dim() != 1 or domain.shape[0] != batch_size:
+        raise ValueError(f"{where}: domain tensor must have shape (N,) = ({batch_size},), got {tuple(domain.shape)}")
+    if domain.device != device:
+        raise ValueError(f"{where}: domain tensor is on {domain.device} but x is on {device}")
+    if not torch.compiler.is_compiling() and domain.numel():
+        low, high = int(domain.min()), int(domain.max())
+        if low < 0 or high >= num_domains:
+            raise ValueError(f"{where}: domain values must lie in [0, {num_domains}), got {low if low < 0 else high}")
+    return domain
+
+
+def route(x: Tensor, domain: Tensor, fns: Sequence[Callable[[Tensor], Tensor]]) -> Tensor:
+    """Apply ``fns[d]`` to the samples of domain ``d`` of a mixed batch and return the
+    outputs in the original sample order.
+
+    One call per domain *present* (a loop over domains, never over samples): the samples are
+    sorted by domain (stable), split into contiguous groups, each group goes through its
+    domain's function, and the concatenation is put back in order. Every ``fns[d]`` must
+    return outputs of the same trailing shape. Differentiable.
+    """
+    counts = torch.bincount(domain, minlength=len(fns)).tolist()
+    present = [d for d, c in enumerate(counts) if c]
+    if len(present) == 1:
+        return fns[present[0]](x)
+    order = torch.argsort(domain, stable=True)
+    groups = x.index_select(0, order).split(counts)
+    y = torch.cat([fns[d](groups[d]) for d in present])
+    inverse = torch.empty_like(order)
+    inverse[order] = torch.arange(order.numel(), device=order.device)
+    return y.index_select(0, inverse)
+
+
+class DomainSequential(nn.ModuleList):
+    """A sequence of domain-aware modules, each called as ``m(x, domain)``."""
+
+    def forward(self, x: Tensor, domain: Domain) -> Tensor:
+        for m in self:
+            x = m(x, domain)
+        return x
+
+
+class PerDomain(nn.Module):
+    """``D`` separate copies of a module (one per domain, each built for a single domain):
+    the domain-specific part of a partially shared or unshared network.
+
+    A pure batch of domain ``d`` runs ``copies[d](x, 0)``; a mixed batch is grouped by domain
+    with :func:`route` (one call per domain present).
+    """
+
+    def __init__(self, copies: Sequence[nn.Module]) -> None:
+        super().__init__()
+        self.copies = nn.ModuleList(copies)
+
+    def forward(self, x: Tensor, domain: Domain) -> Tensor:
+        if isinstance(domain, int):
+            return self.copies[domain](x, 0)
+        return route(x, domain, [lambda xd, m=m: m(xd, 0) for m in self.copies])
+
+
+class GlobalPool(nn.Module):
+    """Final normalization + ReLU of a pre-activation network (ReLU only for strategy
+    ``"none"``), then global average pooling to (N, C)."""
+
+    def __init__(self, channels: int, *, strategy: str, num_domains: int, backend: Optional[str] = None) -> None:
+        super().__init__()
+        self.norm = None if strategy == "none" else make_norm(strategy, channels, num_domains, relu=True,
+                                                             backend=backend)
+
+    def forward(self, x: Tensor, domain: Domain) -> Tensor:
+        x = F.relu(x) if self.norm is None else self.norm(x, domain)
+        return x.mean(dim=(2, 3))
+
+
+# --------------------------------------------------------------------------------------
+# Heads
+
+
+def pad_logits(logits: Tensor, max_classes: int) -> Tensor:
+    """Pad (N, K) logits to (N, max_classes) with -inf."""
+    k = logits.shape[-1]
+    return logits if k == max_classes else F.pad(logits, (0, max_classes - k), value=-math.inf)
+
+
+class DomainHeads(nn.Module):
+    """One linear classifier per domain, with different class counts, stored as a single
+    (sum K_d, F) weight and (sum K_d,) bias (rows ``offsets[d] : offsets[d] + K_d`` belong to
+    domain ``d``; ``head_weight(d)`` / ``head_bias(d)`` return them).
+
+    Output: (N, K_max) logits, padded with ``-inf`` beyond each sample's own K_d, for pure
+    and mixed batches alike. A mixed batch is served by one matmul against all heads and a
+    gather of each sample's own segment: no Python loop over samples or domains. Keeping all
+    heads in one tensor also means every head parameter takes part in every step (absent
+    domains get zero gradients), which distributed data parallel requires.
+    """
+
+    def __init__(self, in_features: int, num_classes: Sequence[int]) -> None:
+        super().__init__()
+        self.in_features = in_features
+        self.num_classes = list(num_classes)
+        self.max_classes = max(self.num_classes)
+        total = sum(self.num_classes)
+        self.offsets = [0]
+        for k in self.num_classes[:-1]:
+            self.offsets.append(self.offsets[-1] + k)
+        self.weight = nn.Parameter(torch.empty(total, in_features))
+        self.bias = nn.Parameter(torch.empty(total))
+        D, K = len(self.num_classes), self.max_classes
+        cls = torch.arange(K)
+        sizes = torch.tensor(self.num_classes)
+        valid = cls.unsqueeze(0) < sizes.unsqueeze(1)  # (D, K)
+        index = torch.tensor(self.offsets).unsqueeze(1) + cls.unsqueeze(0)
+        self.register_buffer("gather_index", torch.where(valid, index, 0), persistent=False)
+        self.register_buffer("valid", valid, persistent=False)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        # Same distribution as nn.Linear's default initialization, head by head.
+        bound = 1.0 / math.sqrt(self.in_features)
+        nn.init.uniform_(self.weight, -bound, bound)
+        nn.init.uniform_(self.bias, -bound, bound)
+
+    def head_weight(self, d: int) -> Tensor:
+        return self.weight[self.offsets[d]:self.offsets[d] + self.num_classes[d]]
+
+    def head_bias(self, d: int) -> Tensor:
+        return self.bias[self.offsets[d]:self.offsets[d] + self.num_classes[d]]
+
+    def forward(self, x: Tensor, domain: Domain) -> Tensor:
+        if isinstance(domain, int):
+            return pad_logits(F.linear(x, self.head_weight(domain), self.head_bias(domain)), self.max_classes)
+        every = F.linear(x, self.weight, self.bias)  # (N, sum K_d): all heads
+        mine = every.gather(1, self.gather_index.index_select(0, domain))
+        return mine.masked_fill(~self.valid.index_select(0, domain), -math.inf)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, num_classes={self.num_classes}"
+
+
+class SharedHead(nn.Module):
+    """A single classifier shared by every domain (full sharing; equal class counts)."""
+
+    def __init__(self, in_features: int, num_classes: int) -> None:
+        super().__init__()
+        self.fc = nn.Linear(in_features, num_classes)
+
+    def forward(self, x: Tensor, domain: Domain) -> Tensor:
+        return self.fc(x)
+
+
+# --------------------------------------------------------------------------------------
+# Utilities
+
+
+def count_parameters(model: nn.Module, trainable_only: bool = False) -> int:
+    """Number of parameters of ``model``, each shared tensor counted once.
+
+    Parameters are deduplicated by identity and, for real (non-meta) tensors, by the memory
+    they view, so tied weights and modules registered in several places count once. Buffers
+    (BN moments) are not parameters and are not counted. Works on models built on the
+    ``meta`` device (``with torch.device("meta"): build_model(...)``).
+    """
+    seen_ids, seen_views, total = set(), set(), 0
+    for _, p in model.named_parameters(remove_duplicate=False):
+        if trainable_only and not p.requires_grad:
+            continue
+        if id(p) in seen_ids:
+            continue
+        seen_ids.add(id(p))
+        if p.device.type != "meta":
+            view = (p.device, p.untyped_storage().data_ptr(), p.storage_offset(), tuple(p.shape), p.stride())
+            if view in seen_views:
+                continue
+            seen_views.add(view)
+        total += p.numel()
+    return total
+
+
+def masked_cross_entropy(logits: Tensor, labels: Tensor, reduction: str = "mean",
+                         label_smoothing: float = 0.0) -> Tensor:
+    """Cross-entropy for the models' padded logits.
+
+    ``logits`` (N, K_max) hold ``-inf`` at the classes a sample's domain does not have
+    (see :class:`DomainHeads`); those classes get probability 0 and no gradient. ``labels``
+    (N,) int64 must name a valid class of each sample's domain (a clear error otherwise).
+    ``label_smoothing`` spreads its mass over each sample's *valid* classes only.
+    ``reduction``: "mean", "sum" or "none".
+    """
+    if logits.dim() != 2:
+        raise ValueError(f"masked_cross_entropy: logits must have shape (N, K), got {tuple(logits.shape)}")
+    if labels.dim() != 1 or labels.shape[0] != logits.shape[0]:
+        raise ValueError(f"masked_cross_entropy: labels must have shape (N,) = ({logits.shape[0]},), "
+                         f"got {tuple(labels.shape)}")
+    if labels.dtype != torch.int64:
+        raise TypeError(f"masked_cross_entropy: labels must be int64, got {labels.dtype}")
+    if reduction not in ("mean", "sum", "none"):
+        raise ValueError(f"masked_cross_entropy: reduction must be 'mean', 'sum' or 'none', got {reduction!r}")
+    valid = logits > -math.inf
+    if not torch.compiler.is_compiling() and labels.numel():
+        if int(labels.min()) < 0 or int(labels.max()) >= logits.shape[1]:
+            raise ValueError(f"masked_cross_entropy: labels must lie in [0, {logits.shape[1]}), got "
+                             f"[{int(labels.min())}, {int(labels.max())}]")
+        if not bool(valid.gather(1, labels[:, None]).all()):
+            raise ValueError("masked_cross_entropy: a label names a class its domain does not have "
+                             "(its logit is -inf)")
+    logp = F.log_softmax(logits.float() if logits.dtype in (torch.float16, torch.bfloat16) else logits, dim=1)
+    loss = -logp.gather(1, labels[:, None]).squeeze(1)
+    if label_smoothing:
+        smooth = -logp.masked_fill(~valid, 0.0).sum(1) / valid.sum(1)
+        loss = (1.0 - label_smoothing) * loss + label_smoothing * smooth
+    if reduction == "mean":
+        return loss.mean()
+    return loss.sum() if reduction == "sum" else loss
+
+
+def init_weights(module: nn.Module) -> None:
+    """He (fan-out) initialization of every conv; linear layers keep PyTorch's default."""
+    for m in module.modules():
+        if isinstance(m, nn.Conv2d):
+            nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+
+
+def check_num_classes(num_classes) -> List[int]:
+    if num_classes is None:
+        raise ValueError("build_model: num_classes is required: a list with the class count of every domain")
+    if isinstance(num_classes, numbers.Integral) or not isinstance(num_classes, Sequence) or not num_classes:
+        raise ValueError(f"num_classes must be a non-empty list of class counts, one per domain, got {num_classes!r}")
+    out = []
+    for k in num_classes:
+        if isinstance(k, bool) or not isinstance(k, numbers.Integral) or k < 1:
+            raise ValueError(f"num_classes must hold positive ints, got {num_classes!r}")
+        out.append(int(k))
+    return out
+
+
+def check_input(x: Tensor, in_channels: int, where: str) -> None:
+    if not isinstance(x, Tensor):
+        raise TypeError(f"{where}: x must be a torch.Tensor, got {type(x).__name__}")
+    if x.dim() != 4 or x.shape[1] != in_channels:
+        raise ValueError(f"{where}: x must have shape (N, {in_channels}, H, W), got {tuple(x.shape)}")
+    if x.shape[0] == 0:
+        raise ValueError(f"{where}: empty batch")
