@@ -31,14 +31,14 @@ def _want_cuda() -> bool:
 def extensions():
     sources = sorted(glob.glob("csrc/*.cpp") + glob.glob("csrc/cpu/*.cpp"))
     cuda_sources = sorted(glob.glob("csrc/cuda/*.cu") + glob.glob("csrc/cuda/*.cpp"))
-    cxx = ["-O3", "-fopenmp", "-std=c++17"]
+    cxx = ["-O3", "-fopenmp", "-std=c++20"]  # torch 2.13 headers expect C++20
     macros = []
     if _want_cuda() and cuda_sources:
         os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
         macros.append(("UNIREP_WITH_CUDA", None))
         return [cpp_extension.CUDAExtension(
             "unirep_kernels._C", sources + cuda_sources, define_macros=macros,
-            extra_compile_args={"cxx": cxx, "nvcc": ["-O3", "-std=c++17"]},
+            extra_compile_args={"cxx": cxx, "nvcc": ["-O3", "-std=c++20"]},
             extra_link_args=["-fopenmp"])]
     return [cpp_extension.CppExtension(
         "unirep_kernels._C", sources, define_macros=macros,

@@ -13,19 +13,17 @@ namespace {
 
 constexpr const char* kForward = "domain_batch_norm";
 
-// Table rows for every domain d from the group moments: center = mean of d's group,
-// scale = weight[d] * invstd, beta = bias[d].
+// Table rows of channel c for every domain d from the group moments: center = mean of d's
+// group, scale = weight[d] * invstd, beta = bias[d].
 template <typename acc_t>
-void fill_tables(AffineTables<acc_t>& t, int64_t D, int64_t C, const acc_t* mean, const acc_t* var,
+void fill_tables(AffineTables<acc_t>& t, int64_t c, int64_t D, int64_t C, const acc_t* mean, const acc_t* var,
                  bool per_domain_moments, const ParamRows<acc_t>& w, const ParamRows<acc_t>& b, double eps) {
   for (int64_t d = 0; d < D; ++d) {
     const int64_t g = per_domain_moments ? d : 0;
-    for (int64_t c = 0; c < C; ++c) {
-      const acc_t inv = acc_t(1) / std::sqrt(var[g * C + c] + static_cast<acc_t>(eps));
-      t.center[d * C + c] = mean[g * C + c];
-      t.scale[d * C + c] = inv * w.at(d, c);
-      t.beta[d * C + c] = b.at(d, c);
-    }
+    const acc_t inv = acc_t(1) / std::sqrt(var[g * C + c] + static_cast<acc_t>(eps));
+    t.center[d * C + c] = mean[g * C + c];
+    t.scale[d * C + c] = inv * w.at(d, c);
+    t.beta[d * C + c] = b.at(d, c);
   }
 }
 
@@ -54,17 +52,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward(
     using acc_t = at::opmath_type<scalar_t>;
     const ParamRows<acc_t> w(weight, C, acc_t(1), acc), b(bias, C, acc_t(0), acc);
     AffineTables<acc_t> tables(D, C);
-    bool per_domain_moments;
     if (use_batch_stats) {
       const int64_t G = stats_per_domain ? D : 1;
-      per_domain_moments = stats_per_domain;
-      std::vector<acc_t> pmean(N * C), pm2(N * C);
-      plane_moments<scalar_t, acc_t>(v, pmean.data(), pm2.data());
-      // Chan's merge of the plane moments into group moments, in sample order per channel.
-      mean = at::zeros({G, C}, at::TensorOptions().dtype(acc));
-      var = at::zeros({G, C}, at::TensorOptions().dtype(acc));
-      acc_t* gm = mean.data_ptr<acc_t>();
-      acc_t* gv = var.data_ptr<acc_t>();
       std::vector<acc_t> group_n(G, 0);
       for (int64_t n = 0; n < N; ++n) group_n[stats_per_domain ? rows[n] : 0] += static_cast<acc_t>(S);
       for (int64_t g = 0; g < G; ++g) {
@@ -72,31 +61,38 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward(
                           stats_per_domain ? "(domain) " : "(batch) ", g,
                           " when using batch statistics (training), got input of size ", x_in.sizes());
       }
-      at::parallel_for(0, C, 1, [&](int64_t begin, int64_t end) {
-        std::vector<acc_t> cnt(G);
-        for (int64_t c = begin; c < end; ++c) {
-          std::fill(cnt.begin(), cnt.end(), acc_t(0));
-          for (int64_t n = 0; n < N; ++n) {
-            const int64_t g = stats_per_domain ? rows[n] : 0;
-            const acc_t pm = pmean[n * C + c];
-            const acc_t total = cnt[g] + S;
-            const acc_t delta = pm - gm[g * C + c];
-            gm[g * C + c] += delta * static_cast<acc_t>(S) / total;
-            gv[g * C + c] += pm2[n * C + c] + delta * delta * cnt[g] * static_cast<acc_t>(S) / total;
-            cnt[g] = total;
-          }
-          for (int64_t g = 0; g < G; ++g) gv[g * C + c] = cnt[g] > 0 ? gv[g * C + c] / cnt[g] : acc_t(0);
+      mean = at::zeros({G, C}, at::TensorOptions().dtype(acc));
+      var = at::zeros({G, C}, at::TensorOptions().dtype(acc));
+      acc_t* gm = mean.data_ptr<acc_t>();
+      acc_t* gv = var.data_ptr<acc_t>();
+      std::vector<acc_t> pmean(N * C), pm2(N * C);
+      // Chan's merge of channel c's plane moments into group moments, in sample order.
+      auto group_tables = [&](int64_t c) {
+        std::vector<acc_t> cnt(G, acc_t(0));
+        for (int64_t n = 0; n < N; ++n) {
+          const int64_t g = stats_per_domain ? rows[n] : 0;
+          const acc_t pm = pmean[n * C + c];
+          const acc_t total = cnt[g] + S;
+          const acc_t delta = pm - gm[g * C + c];
+          gm[g * C + c] += delta * static_cast<acc_t>(S) / total;
+          gv[g * C + c] += pm2[n * C + c] + delta * delta * cnt[g] * static_cast<acc_t>(S) / total;
+          cnt[g] = total;
         }
-      });
+        for (int64_t g = 0; g < G; ++g) gv[g * C + c] = cnt[g] > 0 ? gv[g * C + c] / cnt[g] : acc_t(0);
+        fill_tables<acc_t>(tables, c, D, C, gm, gv, stats_per_domain, w, b, eps);
+      };
+      run_forward<scalar_t, acc_t>(v, y, rows.data(), tables, relu, pmean.data(), pm2.data(), group_tables);
     } else {
       TORCH_CHECK(running_mean.has_value() && running_var.has_value(), kForward,
                   ": running_mean and running_var are required when use_batch_stats=False");
-      per_domain_moments = running_mean->dim() == 2;
       mean = running_mean->to(acc).reshape({-1, C}).clone();
       var = running_var->to(acc).reshape({-1, C}).clone();
+      for (int64_t c = 0; c < C; ++c) {
+        fill_tables<acc_t>(tables, c, D, C, mean.data_ptr<acc_t>(), var.data_ptr<acc_t>(), running_mean->dim() == 2,
+                           w, b, eps);
+      }
+      run_affine<scalar_t, acc_t>(v, y, rows.data(), tables, relu);
     }
-    fill_tables<acc_t>(tables, D, C, mean.data_ptr<acc_t>(), var.data_ptr<acc_t>(), per_domain_moments, w, b, eps);
-    apply_affine<scalar_t, acc_t>(v, y, rows.data(), tables, relu);
   });
   return {y, mean, var, count};
 }
@@ -122,52 +118,47 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward(
     const ParamRows<acc_t> w(weight, C, acc_t(1), acc), b(bias, C, acc_t(0), acc);
     const at::Tensor mean_acc = mean.to(acc).contiguous(), var_acc = var.to(acc).contiguous();
     const bool per_domain_moments = use_batch_stats ? stats_per_domain : mean.size(0) > 1;
+    const acc_t* gvar = var_acc.data_ptr<acc_t>();
     AffineTables<acc_t> tables(D, C);
-    fill_tables<acc_t>(tables, D, C, mean_acc.data_ptr<acc_t>(), var_acc.data_ptr<acc_t>(), per_domain_moments, w,
-                       b, eps);
-    std::vector<acc_t> ps1(N * C), ps2(N * C);
-    plane_grad_sums<scalar_t, acc_t>(v, dy, rows.data(), tables, relu, ps1.data(), ps2.data());
-
+    for (int64_t c = 0; c < C; ++c) {
+      fill_tables<acc_t>(tables, c, D, C, mean_acc.data_ptr<acc_t>(), gvar, per_domain_moments, w, b, eps);
+    }
     const at::Tensor count_d = count.to(at::kDouble).contiguous();
     const double* cnt = count_d.data_ptr<double>();
     const int64_t G = per_domain_moments ? D : 1;
+    std::vector<acc_t> ps1(N * C), ps2(N * C);
     InputGradTables<acc_t> k(D, C);
     double* dw = dweight.data_ptr<double>();
     double* db = dbias.data_ptr<double>();
-    at::parallel_for(0, C, 1, [&](int64_t begin, int64_t end) {
-      std::vector<double> s1(D), s2(D), t1(G), t2(G), ng(G);
-      for (int64_t c = begin; c < end; ++c) {
-        std::fill(s1.begin(), s1.end(), 0.0);
-        std::fill(s2.begin(), s2.end(), 0.0);
-        for (int64_t n = 0; n < N; ++n) {
-          s1[rows[n]] += ps1[n * C + c];
-          s2[rows[n]] += ps2[n * C + c];
-        }
-        std::fill(t1.begin(), t1.end(), 0.0);
-        std::fill(t2.begin(), t2.end(), 0.0);
-        std::fill(ng.begin(), ng.end(), 0.0);
-        for (int64_t d = 0; d < D; ++d) {
-          const int64_t g = per_domain_moments ? d : 0;
-          const double inv = 1.0 / std::sqrt(static_cast<double>(var_acc.data_ptr<acc_t>()[g * C + c]) + eps);
-          const double wd = w.at(d, c);
-          db[(brows > 1 ? d : 0) * C + c] += s1[d];
-          dw[(wrows > 1 ? d : 0) * C + c] += inv * s2[d];
-          t1[g] += wd * s1[d];
-          t2[g] += wd * inv * s2[d];
-          ng[g] += cnt[d];
-        }
-        for (int64_t d = 0; d < D; ++d) {
-          const int64_t g = per_domain_moments ? d : 0;
-          const double inv = 1.0 / std::sqrt(static_cast<double>(var_acc.data_ptr<acc_t>()[g * C + c]) + eps);
-          const double m1 = use_batch_stats && ng[g] > 0 ? t1[g] / ng[g] : 0.0;
-          const double m2 = use_batch_stats && ng[g] > 0 ? t2[g] / ng[g] : 0.0;
-          k.ka[d * C + c] = static_cast<acc_t>(inv * w.at(d, c));
-          k.kx[d * C + c] = static_cast<acc_t>(-inv * inv * m2);
-          k.k0[d * C + c] = static_cast<acc_t>(-inv * m1);
-        }
+    // Channel c's sums per domain (in sample order), its dweight/dbias entries, and the dx
+    // coefficients of every domain row: dx = invstd * (w g - mean_g(w g) - xhat mean_g(w g xhat)).
+    auto coefficients = [&](int64_t c) {
+      std::vector<double> s1(D, 0.0), s2(D, 0.0), t1(G, 0.0), t2(G, 0.0), ng(G, 0.0);
+      for (int64_t n = 0; n < N; ++n) {
+        s1[rows[n]] += ps1[n * C + c];
+        s2[rows[n]] += ps2[n * C + c];
       }
-    });
-    apply_input_grad<scalar_t, acc_t>(v, dy, dx, rows.data(), tables, k, relu);
+      for (int64_t d = 0; d < D; ++d) {
+        const int64_t g = per_domain_moments ? d : 0;
+        const double inv = 1.0 / std::sqrt(static_cast<double>(gvar[g * C + c]) + eps);
+        const double wd = w.at(d, c);
+        db[(brows > 1 ? d : 0) * C + c] += s1[d];
+        dw[(wrows > 1 ? d : 0) * C + c] += inv * s2[d];
+        t1[g] += wd * s1[d];
+        t2[g] += wd * inv * s2[d];
+        ng[g] += cnt[d];
+      }
+      for (int64_t d = 0; d < D; ++d) {
+        const int64_t g = per_domain_moments ? d : 0;
+        const double inv = 1.0 / std::sqrt(static_cast<double>(gvar[g * C + c]) + eps);
+        const double m1 = use_batch_stats && ng[g] > 0 ? t1[g] / ng[g] : 0.0;
+        const double m2 = use_batch_stats && ng[g] > 0 ? t2[g] / ng[g] : 0.0;
+        k.ka[d * C + c] = static_cast<acc_t>(inv * w.at(d, c));
+        k.kx[d * C + c] = static_cast<acc_t>(-inv * inv * m2);
+        k.k0[d * C + c] = static_cast<acc_t>(-inv * m1);
+      }
+    };
+    run_backward<scalar_t, acc_t>(v, dy, dx, rows.data(), tables, k, relu, ps1.data(), ps2.data(), coefficients);
   });
   return {dx, param_grad(dweight, weight, acc), param_grad(dbias, bias, acc)};
 }

@@ -12,18 +12,17 @@ namespace unirep {
 namespace cpu {
 namespace {
 
+// Table rows (one per sample) of channel c: the plane's own moments, the sample domain's affine.
 template <typename acc_t>
-void fill_tables(AffineTables<acc_t>& t, int64_t N, int64_t C, const acc_t* mean, const acc_t* var,
+void fill_tables(AffineTables<acc_t>& t, int64_t c, int64_t N, int64_t C, const acc_t* mean, const acc_t* var,
                  const std::vector<int64_t>& domains, const ParamRows<acc_t>& w, const ParamRows<acc_t>& b,
                  double eps) {
   for (int64_t n = 0; n < N; ++n) {
-    for (int64_t c = 0; c < C; ++c) {
-      const int64_t k = n * C + c;
-      const acc_t inv = acc_t(1) / std::sqrt(var[k] + static_cast<acc_t>(eps));
-      t.center[k] = mean[k];
-      t.scale[k] = inv * w.at(domains[n], c);
-      t.beta[k] = b.at(domains[n], c);
-    }
+    const int64_t k = n * C + c;
+    const acc_t inv = acc_t(1) / std::sqrt(var[k] + static_cast<acc_t>(eps));
+    t.center[k] = mean[k];
+    t.scale[k] = inv * w.at(domains[n], c);
+    t.beta[k] = b.at(domains[n], c);
   }
 }
 
@@ -50,12 +49,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> forward(const at::Tensor& x_in, c
     const ParamRows<acc_t> w(weight, C, acc_t(1), acc), b(bias, C, acc_t(0), acc);
     acc_t* pm = mean.data_ptr<acc_t>();
     acc_t* pv = var.data_ptr<acc_t>();
-    plane_moments<scalar_t, acc_t>(v, pm, pv);
-    for (int64_t k = 0; k < N * C; ++k) pv[k] /= static_cast<acc_t>(S);  // M2 -> biased variance
     AffineTables<acc_t> tables(N, C);
-    fill_tables<acc_t>(tables, N, C, pm, pv, domains, w, b, eps);
     const std::vector<int64_t> rows = identity_rows(N);
-    apply_affine<scalar_t, acc_t>(v, y, rows.data(), tables, relu);
+    auto plane_tables = [&](int64_t c) {
+      for (int64_t n = 0; n < N; ++n) pv[n * C + c] /= static_cast<acc_t>(S);  // M2 -> biased variance
+      fill_tables<acc_t>(tables, c, N, C, pm, pv, domains, w, b, eps);
+    };
+    run_forward<scalar_t, acc_t>(v, y, rows.data(), tables, relu, pm, pv, plane_tables);
   });
   return {y, mean, var};
 }
@@ -81,33 +81,30 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward(const at::Tensor& grad_y
     using acc_t = at::opmath_type<scalar_t>;
     const ParamRows<acc_t> w(weight, C, acc_t(1), acc), b(bias, C, acc_t(0), acc);
     const at::Tensor mean_acc = mean.to(acc).contiguous(), var_acc = var.to(acc).contiguous();
+    const acc_t* pv = var_acc.data_ptr<acc_t>();
     AffineTables<acc_t> tables(N, C);
-    fill_tables<acc_t>(tables, N, C, mean_acc.data_ptr<acc_t>(), var_acc.data_ptr<acc_t>(), domains, w, b, eps);
+    for (int64_t c = 0; c < C; ++c) fill_tables<acc_t>(tables, c, N, C, mean_acc.data_ptr<acc_t>(), pv, domains, w, b, eps);
     const std::vector<int64_t> rows = identity_rows(N);
     std::vector<acc_t> ps1(N * C), ps2(N * C);
-    plane_grad_sums<scalar_t, acc_t>(v, dy, rows.data(), tables, relu, ps1.data(), ps2.data());
     InputGradTables<acc_t> k(N, C);
     double* dw = dweight.data_ptr<double>();
     double* db = dbias.data_ptr<double>();
-    const acc_t* pv = var_acc.data_ptr<acc_t>();
-    // Parallel over channels, samples in order: every output has one writer, fixed order.
-    at::parallel_for(0, C, 1, [&](int64_t begin, int64_t end) {
-      for (int64_t c = begin; c < end; ++c) {
-        for (int64_t n = 0; n < N; ++n) {
-          const int64_t i = n * C + c;
-          const double inv = 1.0 / std::sqrt(static_cast<double>(pv[i]) + eps);
-          const double wd = w.at(domains[n], c);
-          db[(brows > 1 ? domains[n] : 0) * C + c] += ps1[i];
-          dw[(wrows > 1 ? domains[n] : 0) * C + c] += inv * ps2[i];
-          const double m1 = wd * ps1[i] / S;
-          const double m2 = wd * inv * ps2[i] / S;
-          k.ka[i] = static_cast<acc_t>(inv * wd);
-          k.kx[i] = static_cast<acc_t>(-inv * inv * m2);
-          k.k0[i] = static_cast<acc_t>(-inv * m1);
-        }
+    // Channel c: dweight/dbias entries (samples in order) and every plane's dx coefficients.
+    auto coefficients = [&](int64_t c) {
+      for (int64_t n = 0; n < N; ++n) {
+        const int64_t i = n * C + c;
+        const double inv = 1.0 / std::sqrt(static_cast<double>(pv[i]) + eps);
+        const double wd = w.at(domains[n], c);
+        db[(brows > 1 ? domains[n] : 0) * C + c] += ps1[i];
+        dw[(wrows > 1 ? domains[n] : 0) * C + c] += inv * ps2[i];
+        const double m1 = wd * ps1[i] / S;
+        const double m2 = wd * inv * ps2[i] / S;
+        k.ka[i] = static_cast<acc_t>(inv * wd);
+        k.kx[i] = static_cast<acc_t>(-inv * inv * m2);
+        k.k0[i] = static_cast<acc_t>(-inv * m1);
       }
-    });
-    apply_input_grad<scalar_t, acc_t>(v, dy, dx, rows.data(), tables, k, relu);
+    };
+    run_backward<scalar_t, acc_t>(v, dy, dx, rows.data(), tables, k, relu, ps1.data(), ps2.data(), coefficients);
   });
   return {dx, param_grad(dweight, weight, acc), param_grad(dbias, bias, acc)};
 }

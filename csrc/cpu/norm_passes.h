@@ -10,9 +10,12 @@
 // training forward reads x twice and writes y once; eval reads once and writes once.
 //
 // Every pass works on a "plane view" of x: NCS (contiguous, planes of S values) or NSC
-// (channels_last: per sample an S x C block with channels innermost). Each output element
-// is written by exactly one thread and reductions run in a fixed order, so results are
-// bitwise deterministic whatever the thread count.
+// (channels_last: per sample an S x C block with channels innermost). NCS runs channel by
+// channel (parallel over channels): reduction, table math and elementwise pass of one
+// channel back to back, so the second pass re-reads the channel's N planes from cache, not
+// from memory. NSC runs each pass over all samples (parallel over samples), then the next.
+// Each output element is written by exactly one thread and reductions run in a fixed
+// order, so results are bitwise deterministic whatever the thread count.
 #pragma once
 
 #include <ATen/ATen.h>
@@ -65,38 +68,141 @@ inline at::Tensor same_layout(const at::Tensor& grad_y, const PlaneView& v) {
   return g.contiguous();
 }
 
-// Pass 1 (forward): mean and M2 (sum of squared deviations) of every (sample, channel)
-// plane, written to pmean[n * C + c], pm2[n * C + c]. Two passes over each plane (the
-// second hits cache), the first shifted by the plane's first value, so a large common
-// offset such as 1e4 costs no precision.
+// Per-row tables, (rows, C) row-major in acc_t: y = act((x - center) * scale + beta).
+template <typename acc_t>
+struct AffineTables {
+  std::vector<acc_t> center, scale, beta;
+  AffineTables(int64_t rows, int64_t C) : center(rows * C), scale(rows * C), beta(rows * C) {}
+};
+
+// Per-row backward coefficients: dx = ka g + kx (x - center) + k0.
+template <typename acc_t>
+struct InputGradTables {
+  std::vector<acc_t> ka, kx, k0;
+  InputGradTables(int64_t rows, int64_t C) : ka(rows * C), kx(rows * C), k0(rows * C) {}
+};
+
+// ---- The four passes, as bodies over one run of `count` values of one channel, read with
+// a stride (1 in an NCS plane, C in an NSC block). `omp simd reduction` lets the compiler
+// split sums over vector lanes in a fixed order for a given build (deterministic).
+
+// Forward reduction: mean and M2 of one plane; two passes (the second hits cache), the
+// first shifted by the plane's first value so a large common offset costs no precision.
 template <typename scalar_t, typename acc_t>
-void plane_moments(const PlaneView& v, acc_t* pmean, acc_t* pm2) {
+inline void plane_moments(const scalar_t* x, int64_t S, acc_t& mean_out, acc_t& m2_out) {
+  const acc_t shift = static_cast<acc_t>(x[0]);
+  acc_t sum = 0;
+#pragma omp simd reduction(+ : sum)
+  for (int64_t s = 0; s < S; ++s) sum += static_cast<acc_t>(x[s]) - shift;
+  const acc_t mean = shift + sum / S;
+  acc_t m2 = 0;
+#pragma omp simd reduction(+ : m2)
+  for (int64_t s = 0; s < S; ++s) {
+    const acc_t d = static_cast<acc_t>(x[s]) - mean;
+    m2 += d * d;
+  }
+  mean_out = mean;
+  m2_out = m2;
+}
+
+// Forward elementwise: y = act((x - m) * a + b) over one plane.
+template <typename scalar_t, typename acc_t>
+inline void plane_affine(const scalar_t* x, scalar_t* y, int64_t S, acc_t m, acc_t a, acc_t b, bool relu) {
+  if (relu) {
+    for (int64_t s = 0; s < S; ++s) {
+      const acc_t val = (static_cast<acc_t>(x[s]) - m) * a + b;
+      y[s] = static_cast<scalar_t>(val > 0 ? val : acc_t(0));
+    }
+  } else {
+    for (int64_t s = 0; s < S; ++s) y[s] = static_cast<scalar_t>((static_cast<acc_t>(x[s]) - m) * a + b);
+  }
+}
+
+// Backward reduction: sums of g and g * (x - m) over one plane, g = dy masked by the ReLU
+// recomputed from the forward tables (no saved output needed).
+template <typename scalar_t, typename acc_t>
+inline void plane_grad_sums(const scalar_t* x, const scalar_t* dy, int64_t S, acc_t m, acc_t a, acc_t b, bool relu,
+                            acc_t& s1_out, acc_t& s2_out) {
+  acc_t s1 = 0, s2 = 0;
+#pragma omp simd reduction(+ : s1, s2)
+  for (int64_t s = 0; s < S; ++s) {
+    const acc_t xc = static_cast<acc_t>(x[s]) - m;
+    acc_t gv = static_cast<acc_t>(dy[s]);
+    if (relu && !(xc * a + b > 0)) gv = 0;
+    s1 += gv;
+    s2 += gv * xc;
+  }
+  s1_out = s1;
+  s2_out = s2;
+}
+
+// Backward elementwise: dx = ka g + kx (x - m) + k0 over one plane.
+template <typename scalar_t, typename acc_t>
+inline void plane_input_grad(const scalar_t* x, const scalar_t* dy, scalar_t* dx, int64_t S, acc_t m, acc_t a,
+                             acc_t b, acc_t ka, acc_t kx, acc_t k0, bool relu) {
+  for (int64_t s = 0; s < S; ++s) {
+    const acc_t xc = static_cast<acc_t>(x[s]) - m;
+    acc_t gv = static_cast<acc_t>(dy[s]);
+    if (relu && !(xc * a + b > 0)) gv = 0;
+    dx[s] = static_cast<scalar_t>(ka * gv + kx * xc + k0);
+  }
+}
+
+// ---- NCS (contiguous) drivers: one channel at a time, all samples. An op runs its
+// reduction, its table math and its elementwise pass for a channel back to back, so the
+// elementwise pass re-reads the channel's N planes from cache, not from memory.
+
+template <typename scalar_t, typename acc_t>
+void channel_moments(const PlaneView& v, int64_t c, acc_t* pmean, acc_t* pm2) {
+  const scalar_t* x = v.x.data_ptr<scalar_t>();
+  for (int64_t n = 0; n < v.N; ++n) {
+    const int64_t p = n * v.C + c;
+    plane_moments<scalar_t, acc_t>(x + p * v.S, v.S, pmean[p], pm2[p]);
+  }
+}
+
+template <typename scalar_t, typename acc_t>
+void channel_affine(const PlaneView& v, at::Tensor& y, int64_t c, const int64_t* rows, const AffineTables<acc_t>& t,
+                    bool relu) {
+  const scalar_t* x = v.x.data_ptr<scalar_t>();
+  scalar_t* out = y.data_ptr<scalar_t>();
+  for (int64_t n = 0; n < v.N; ++n) {
+    const int64_t p = n * v.C + c, k = rows[n] * v.C + c;
+    plane_affine<scalar_t, acc_t>(x + p * v.S, out + p * v.S, v.S, t.center[k], t.scale[k], t.beta[k], relu);
+  }
+}
+
+template <typename scalar_t, typename acc_t>
+void channel_grad_sums(const PlaneView& v, const at::Tensor& dy, int64_t c, const int64_t* rows,
+                       const AffineTables<acc_t>& t, bool relu, acc_t* ps1, acc_t* ps2) {
+  const scalar_t* x = v.x.data_ptr<scalar_t>();
+  const scalar_t* g = dy.data_ptr<scalar_t>();
+  for (int64_t n = 0; n < v.N; ++n) {
+    const int64_t p = n * v.C + c, k = rows[n] * v.C + c;
+    plane_grad_sums<scalar_t, acc_t>(x + p * v.S, g + p * v.S, v.S, t.center[k], t.scale[k], t.beta[k], relu, ps1[p],
+                                     ps2[p]);
+  }
+}
+
+template <typename scalar_t, typename acc_t>
+void channel_input_grad(const PlaneView& v, const at::Tensor& dy, at::Tensor& dx, int64_t c, const int64_t* rows,
+                        const AffineTables<acc_t>& t, const InputGradTables<acc_t>& k, bool relu) {
+  const scalar_t* x = v.x.data_ptr<scalar_t>();
+  const scalar_t* g = dy.data_ptr<scalar_t>();
+  scalar_t* out = dx.data_ptr<scalar_t>();
+  for (int64_t n = 0; n < v.N; ++n) {
+    const int64_t p = n * v.C + c, r = rows[n] * v.C + c;
+    plane_input_grad<scalar_t, acc_t>(x + p * v.S, g + p * v.S, out + p * v.S, v.S, t.center[r], t.scale[r],
+                                      t.beta[r], k.ka[r], k.kx[r], k.k0[r], relu);
+  }
+}
+
+// ---- NSC (channels_last) drivers: parallel over samples, channels innermost (vectorized).
+
+template <typename scalar_t, typename acc_t>
+void nsc_moments(const PlaneView& v, acc_t* pmean, acc_t* pm2) {
   const scalar_t* x = v.x.data_ptr<scalar_t>();
   const int64_t C = v.C, S = v.S;
-  if (!v.channels_last) {
-    const int64_t grain = std::max<int64_t>(1, kGrainValues / std::max<int64_t>(S, 1));
-    at::parallel_for(0, v.N * C, grain, [&](int64_t begin, int64_t end) {
-      for (int64_t p = begin; p < end; ++p) {
-        const scalar_t* plane = x + p * S;
-        const acc_t shift = static_cast<acc_t>(plane[0]);
-        // `omp simd reduction` lets the compiler split the sums over vector lanes (a fixed
-        // order for a given build, so results stay deterministic).
-        acc_t sum = 0;
-#pragma omp simd reduction(+ : sum)
-        for (int64_t s = 0; s < S; ++s) sum += static_cast<acc_t>(plane[s]) - shift;
-        const acc_t mean = shift + sum / S;
-        acc_t m2 = 0;
-#pragma omp simd reduction(+ : m2)
-        for (int64_t s = 0; s < S; ++s) {
-          const acc_t d = static_cast<acc_t>(plane[s]) - mean;
-          m2 += d * d;
-        }
-        pmean[p] = mean;
-        pm2[p] = m2;
-      }
-    });
-    return;
-  }
   const int64_t grain = std::max<int64_t>(1, kGrainValues / std::max<int64_t>(S * C, 1));
   at::parallel_for(0, v.N, grain, [&](int64_t begin, int64_t end) {
     std::vector<acc_t> shift(C), sum(C);
@@ -125,40 +231,11 @@ void plane_moments(const PlaneView& v, acc_t* pmean, acc_t* pm2) {
   });
 }
 
-// Per-row tables, (rows, C) row-major in acc_t: y = act((x - center) * scale + beta).
-template <typename acc_t>
-struct AffineTables {
-  std::vector<acc_t> center, scale, beta;
-  AffineTables(int64_t rows, int64_t C) : center(rows * C), scale(rows * C), beta(rows * C) {}
-};
-
-// Pass 2 (forward): y = act((x - center[r]) * scale[r] + beta[r]), r = rows[n].
 template <typename scalar_t, typename acc_t>
-void apply_affine(const PlaneView& v, at::Tensor& y, const int64_t* rows,
-                  const AffineTables<acc_t>& t, bool relu) {
+void nsc_affine(const PlaneView& v, at::Tensor& y, const int64_t* rows, const AffineTables<acc_t>& t, bool relu) {
   const scalar_t* x = v.x.data_ptr<scalar_t>();
   scalar_t* out = y.data_ptr<scalar_t>();
   const int64_t C = v.C, S = v.S;
-  if (!v.channels_last) {
-    const int64_t grain = std::max<int64_t>(1, kGrainValues / std::max<int64_t>(S, 1));
-    at::parallel_for(0, v.N * C, grain, [&](int64_t begin, int64_t end) {
-      for (int64_t p = begin; p < end; ++p) {
-        const int64_t k = rows[p / C] * C + p % C;
-        const acc_t m = t.center[k], a = t.scale[k], b = t.beta[k];
-        const scalar_t* in = x + p * S;
-        scalar_t* o = out + p * S;
-        if (relu) {
-          for (int64_t s = 0; s < S; ++s) {
-            const acc_t val = (static_cast<acc_t>(in[s]) - m) * a + b;
-            o[s] = static_cast<scalar_t>(val > 0 ? val : acc_t(0));
-          }
-        } else {
-          for (int64_t s = 0; s < S; ++s) o[s] = static_cast<scalar_t>((static_cast<acc_t>(in[s]) - m) * a + b);
-        }
-      }
-    });
-    return;
-  }
   const int64_t grain = std::max<int64_t>(1, kGrainValues / std::max<int64_t>(S * C, 1));
   at::parallel_for(0, v.N, grain, [&](int64_t begin, int64_t end) {
     for (int64_t n = begin; n < end; ++n) {
@@ -177,37 +254,12 @@ void apply_affine(const PlaneView& v, at::Tensor& y, const int64_t* rows,
   });
 }
 
-// Pass 1 (backward): per (sample, channel) sums of g and g * (x - center[r]), where g is dy
-// with the fused ReLU's mask recomputed from the forward tables (no saved output needed).
 template <typename scalar_t, typename acc_t>
-void plane_grad_sums(const PlaneView& v, const at::Tensor& dy, const int64_t* rows,
-                     const AffineTables<acc_t>& t, bool relu, acc_t* ps1, acc_t* ps2) {
+void nsc_grad_sums(const PlaneView& v, const at::Tensor& dy, const int64_t* rows, const AffineTables<acc_t>& t,
+                   bool relu, acc_t* ps1, acc_t* ps2) {
   const scalar_t* x = v.x.data_ptr<scalar_t>();
   const scalar_t* g = dy.data_ptr<scalar_t>();
   const int64_t C = v.C, S = v.S;
-  if (!v.channels_last) {
-    const int64_t grain = std::max<int64_t>(1, kGrainValues / std::max<int64_t>(S, 1));
-    at::parallel_for(0, v.N * C, grain, [&](int64_t begin, int64_t end) {
-      for (int64_t p = begin; p < end; ++p) {
-        const int64_t k = rows[p / C] * C + p % C;
-        const acc_t m = t.center[k], a = t.scale[k], b = t.beta[k];
-        const scalar_t* in = x + p * S;
-        const scalar_t* gp = g + p * S;
-        acc_t s1 = 0, s2 = 0;
-#pragma omp simd reduction(+ : s1, s2)
-        for (int64_t s = 0; s < S; ++s) {
-          const acc_t xc = static_cast<acc_t>(in[s]) - m;
-          acc_t gv = static_cast<acc_t>(gp[s]);
-          if (relu && !(xc * a + b > 0)) gv = 0;
-          s1 += gv;
-          s2 += gv * xc;
-        }
-        ps1[p] = s1;
-        ps2[p] = s2;
-      }
-    });
-    return;
-  }
   const int64_t grain = std::max<int64_t>(1, kGrainValues / std::max<int64_t>(S * C, 1));
   at::parallel_for(0, v.N, grain, [&](int64_t begin, int64_t end) {
     for (int64_t n = begin; n < end; ++n) {
@@ -232,41 +284,13 @@ void plane_grad_sums(const PlaneView& v, const at::Tensor& dy, const int64_t* ro
   });
 }
 
-// Per-row backward coefficients: dx = ka g + kx (x - center) + k0.
-template <typename acc_t>
-struct InputGradTables {
-  std::vector<acc_t> ka, kx, k0;
-  InputGradTables(int64_t rows, int64_t C) : ka(rows * C), kx(rows * C), k0(rows * C) {}
-};
-
-// Pass 2 (backward): dx from dy and x with per-row coefficients.
 template <typename scalar_t, typename acc_t>
-void apply_input_grad(const PlaneView& v, const at::Tensor& dy, at::Tensor& dx, const int64_t* rows,
-                      const AffineTables<acc_t>& t, const InputGradTables<acc_t>& k, bool relu) {
+void nsc_input_grad(const PlaneView& v, const at::Tensor& dy, at::Tensor& dx, const int64_t* rows,
+                    const AffineTables<acc_t>& t, const InputGradTables<acc_t>& k, bool relu) {
   const scalar_t* x = v.x.data_ptr<scalar_t>();
   const scalar_t* g = dy.data_ptr<scalar_t>();
   scalar_t* out = dx.data_ptr<scalar_t>();
   const int64_t C = v.C, S = v.S;
-  if (!v.channels_last) {
-    const int64_t grain = std::max<int64_t>(1, kGrainValues / std::max<int64_t>(S, 1));
-    at::parallel_for(0, v.N * C, grain, [&](int64_t begin, int64_t end) {
-      for (int64_t p = begin; p < end; ++p) {
-        const int64_t r = rows[p / C] * C + p % C;
-        const acc_t m = t.center[r], a = t.scale[r], b = t.beta[r];
-        const acc_t ka = k.ka[r], kx = k.kx[r], k0 = k.k0[r];
-        const scalar_t* in = x + p * S;
-        const scalar_t* gp = g + p * S;
-        scalar_t* o = out + p * S;
-        for (int64_t s = 0; s < S; ++s) {
-          const acc_t xc = static_cast<acc_t>(in[s]) - m;
-          acc_t gv = static_cast<acc_t>(gp[s]);
-          if (relu && !(xc * a + b > 0)) gv = 0;
-          o[s] = static_cast<scalar_t>(ka * gv + kx * xc + k0);
-        }
-      }
-    });
-    return;
-  }
   const int64_t grain = std::max<int64_t>(1, kGrainValues / std::max<int64_t>(S * C, 1));
   at::parallel_for(0, v.N, grain, [&](int64_t begin, int64_t end) {
     for (int64_t n = begin; n < end; ++n) {
@@ -284,6 +308,65 @@ void apply_input_grad(const PlaneView& v, const at::Tensor& dy, at::Tensor& dx, 
       }
     }
   });
+}
+
+// ---- An op = reduction, per-channel table math, elementwise pass. These two drivers run
+// the three in the order that suits the layout; `tables(c)` must only touch channel c.
+
+// Forward: moments(all planes) -> tables(c) -> y.
+template <typename scalar_t, typename acc_t, typename Tables>
+void run_forward(const PlaneView& v, at::Tensor& y, const int64_t* rows, AffineTables<acc_t>& t, bool relu,
+                 acc_t* pmean, acc_t* pm2, const Tables& tables) {
+  if (!v.channels_last) {
+    at::parallel_for(0, v.C, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t c = begin; c < end; ++c) {
+        channel_moments<scalar_t, acc_t>(v, c, pmean, pm2);
+        tables(c);
+        channel_affine<scalar_t, acc_t>(v, y, c, rows, t, relu);
+      }
+    });
+    return;
+  }
+  nsc_moments<scalar_t, acc_t>(v, pmean, pm2);
+  at::parallel_for(0, v.C, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t c = begin; c < end; ++c) tables(c);
+  });
+  nsc_affine<scalar_t, acc_t>(v, y, rows, t, relu);
+}
+
+// Forward without a reduction (normalization by given moments): one elementwise pass.
+template <typename scalar_t, typename acc_t>
+void run_affine(const PlaneView& v, at::Tensor& y, const int64_t* rows, const AffineTables<acc_t>& t, bool relu) {
+  if (v.channels_last) {
+    nsc_affine<scalar_t, acc_t>(v, y, rows, t, relu);
+    return;
+  }
+  const int64_t grain = std::max<int64_t>(1, kGrainValues / std::max<int64_t>(v.N * v.S, 1));
+  at::parallel_for(0, v.C, grain, [&](int64_t begin, int64_t end) {
+    for (int64_t c = begin; c < end; ++c) channel_affine<scalar_t, acc_t>(v, y, c, rows, t, relu);
+  });
+}
+
+// Backward: sums(all planes) -> coefficients(c) -> dx.
+template <typename scalar_t, typename acc_t, typename Coefs>
+void run_backward(const PlaneView& v, const at::Tensor& dy, at::Tensor& dx, const int64_t* rows,
+                  const AffineTables<acc_t>& t, InputGradTables<acc_t>& k, bool relu, acc_t* ps1, acc_t* ps2,
+                  const Coefs& coefs) {
+  if (!v.channels_last) {
+    at::parallel_for(0, v.C, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t c = begin; c < end; ++c) {
+        channel_grad_sums<scalar_t, acc_t>(v, dy, c, rows, t, relu, ps1, ps2);
+        coefs(c);
+        channel_input_grad<scalar_t, acc_t>(v, dy, dx, c, rows, t, k, relu);
+      }
+    });
+    return;
+  }
+  nsc_grad_sums<scalar_t, acc_t>(v, dy, rows, t, relu, ps1, ps2);
+  at::parallel_for(0, v.C, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t c = begin; c < end; ++c) coefs(c);
+  });
+  nsc_input_grad<scalar_t, acc_t>(v, dy, dx, rows, t, k, relu);
 }
 
 // Reads an optional (R, C) or (C,) parameter as acc_t values; row(r) gives row r, or the
