@@ -52,8 +52,9 @@ def test_precedence_keyword_over_context_over_environment(monkeypatch):
 
 def test_unavailable_or_misplaced_backend_raises_with_reason():
     cpu = torch.device("cpu")
-    with pytest.raises(RuntimeError, match="backend 'triton' is not available"):
-        uk.domain_batch_norm(torch.randn(4, 3, 2, 2), 0, num_domains=1, use_batch_stats=True, backend="triton")
+    if not uk.backends()["triton"][0]:
+        with pytest.raises(RuntimeError, match="backend 'triton' is not available"):
+            uk.domain_batch_norm(torch.randn(4, 3, 2, 2), 0, num_domains=1, use_batch_stats=True, backend="triton")
     with pytest.raises(ValueError, match="backend must be one of"):
         with uk.use_backend("fast"):
             pass

@@ -47,12 +47,42 @@ def extension_loaded() -> bool:
     return _extension is not None
 
 
+def triton_interpreting() -> bool:
+    """True when TRITON_INTERPRET=1: Triton kernels are interpreted (numpy, on CPU tensors)."""
+    return os.environ.get("TRITON_INTERPRET", "0").strip().lower() in ("1", "true", "on", "yes")
+
+
+_triton_import: Optional[Tuple[Optional[str], str]] = None  # (version or None, why not)
+
+
+def _triton_version() -> Tuple[Optional[str], str]:
+    global _triton_import
+    if _triton_import is None:
+        try:
+            import triton
+
+            _triton_import = (getattr(triton, "__version__", "?"), "")
+        except ImportError:
+            _triton_import = (None, "triton is not installed")
+        except Exception as exc:  # a broken installation
+            _triton_import = (None, f"triton failed to import ({type(exc).__name__}: {exc})")
+    return _triton_import
+
+
 def _triton_status() -> Tuple[bool, str]:
-    try:
-        import triton  # noqa: F401
-    except ImportError:
-        return False, "triton is not installed"
-    return False, "the Triton kernels are not written yet (tracked as their own issue)"
+    """Not cached: it depends on TRITON_INTERPRET, which a process (the tests) may set later."""
+    version, why_not = _triton_version()
+    if version is None:
+        return False, why_not
+    if not hasattr(torch.library, "custom_op"):
+        return False, f"torch {torch.__version__} lacks torch.library.custom_op, which the Triton ops need"
+    if triton_interpreting():
+        return True, (f"Triton {version} kernels under TRITON_INTERPRET=1: interpreted on CPU tensors "
+                      "(slow; for tests)")
+    if torch.cuda.is_available():
+        return True, f"Triton {version} kernels on CUDA tensors"
+    return False, (f"triton {version} is installed but no CUDA device is available (set TRITON_INTERPRET=1 to "
+                   "run its kernels on CPU tensors, slowly)")
 
 
 _status_cache: Optional[Dict[str, Tuple[bool, str]]] = None
@@ -61,12 +91,15 @@ _status_cache: Optional[Dict[str, Tuple[bool, str]]] = None
 def backends() -> Dict[str, Tuple[bool, str]]:
     """``{name: (available, reason)}`` for every backend on this machine.
 
-    Computed once per process (availability does not change while it runs).
+    Computed once per process (availability does not change while it runs), except
+    ``"triton"``, which follows ``TRITON_INTERPRET``.
     """
     global _status_cache
     if _status_cache is None:
         _status_cache = _compute_status()
-    return dict(_status_cache)
+    status = dict(_status_cache)
+    status["triton"] = _triton_status()  # follows TRITON_INTERPRET
+    return status
 
 
 def _compute_status() -> Dict[str, Tuple[bool, str]]:
@@ -82,7 +115,6 @@ def _compute_status() -> Dict[str, Tuple[bool, str]]:
             status["cuda"] = (False, "built with CUDA kernels, but no CUDA device is available")
         else:
             status["cuda"] = (True, "CUDA kernels from unirep_kernels._C")
-    status["triton"] = _triton_status()
     return status
 
 
@@ -125,6 +157,8 @@ def resolve_backend(backend: Optional[str], device: torch.device) -> str:
     """The concrete backend that runs a call on ``device``; a clear error if it cannot."""
     name = requested_backend(backend)
     status = _status_cache if _status_cache is not None else backends()
+    if name == "triton" or (name == "auto" and device.type == "cuda"):
+        status = dict(status, triton=_triton_status())
     if name == "auto":
         for candidate in _AUTO_ORDER.get(device.type, ("reference",)):
             if status[candidate][0]:
@@ -136,4 +170,7 @@ def resolve_backend(backend: Optional[str], device: torch.device) -> str:
     tied = _DEVICE_OF.get(name)
     if tied is not None and tied != device.type:
         raise ValueError(f"backend {name!r} runs on {tied} tensors, but x is on {device}")
+    if name == "triton" and device.type != "cuda" and not triton_interpreting():
+        raise ValueError(f"backend 'triton' runs on cuda tensors (or on cpu tensors under TRITON_INTERPRET=1), "
+                         f"but x is on {device}")
     return name

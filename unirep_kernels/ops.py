@@ -68,6 +68,13 @@ def domain_batch_norm(x: Tensor, domain: Domain, weight: Optional[Tensor] = None
         return reference.domain_batch_norm(x, domain, weight, bias, running_mean, running_var,
                                            num_domains=num_domains, use_batch_stats=use_batch_stats,
                                            stats_per_domain=stats_per_domain, momentum=momentum, eps=eps, relu=relu)
+    if name == "triton":
+        from . import triton as triton_backend  # lazy: triton is optional
+
+        return triton_backend.domain_batch_norm(x, domain_tensor, pure, weight, bias, running_mean, running_var,
+                                                num_domains=num_domains, use_batch_stats=use_batch_stats,
+                                                stats_per_domain=stats_per_domain, momentum=momentum, eps=eps,
+                                                relu=relu)
     if name not in ("cpp", "cuda"):
         raise NotImplementedError(f"domain_batch_norm: backend {name!r} has no implementation yet")
     normalize_by_running = not use_batch_stats
@@ -93,6 +100,11 @@ def domain_instance_norm(x: Tensor, domain: Domain, weight: Optional[Tensor] = N
     name = resolve_backend(backend, x.device)
     if name == "reference":
         return reference.domain_instance_norm(x, domain, weight, bias, num_domains=num_domains, eps=eps, relu=relu)
+    if name == "triton":
+        from . import triton as triton_backend  # lazy: triton is optional
+
+        return triton_backend.domain_instance_norm(x, domain_tensor, pure, weight, bias, num_domains=num_domains,
+                                                   eps=eps, relu=relu)
     if name not in ("cpp", "cuda"):
         raise NotImplementedError(f"domain_instance_norm: backend {name!r} has no implementation yet")
     y, _, _ = torch.ops.unirep.domain_instance_norm_forward(x, domain_tensor, pure, weight, bias, num_domains, eps,

@@ -1,0 +1,507 @@
+# No `from __future__ import annotations`: torch.library infers the op schemas from these
+# functions' annotations, which must be real types.
+"""The Triton backend as custom ops ``torch.ops.unirep_triton.*``.
+
+Same four functional ops, with the same signatures, as the C++ ops of ``csrc/ops.cpp``:
+``domain_batch_norm_forward`` / ``_backward`` and ``domain_instance_norm_forward`` /
+``_backward``; autograd connects each forward to its backward. Each op is a
+``torch.library.triton_op`` whose body is torch ops on tiny (rows, C) tables plus
+``wrap_triton`` launches, so ``torch.compile`` can see (and trace) the kernels; the same
+body, run on fake tensors, is the fake kernel. Where ``triton_op`` is missing (older torch)
+the ops fall back to ``torch.library.custom_op`` with the kernels launched directly.
+
+Everything runs without host synchronisation: domain counts, per-domain sums and table
+math are fixed-shape tensor ops on the device (one-hot memberships, no ``.item()``), and
+every reduction is a fixed-order sum of per-block partials (no float atomics): results are
+bitwise reproducible run to run.
+"""
+
+from typing import Optional, Tuple
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from .kernels import get_kernels, interpreting
+
+NAMESPACE = "unirep_triton"
+
+# Elements of x one program keeps in registers per tile (two-pass kernels), and the
+# largest N x C-block x S slice the one-read training forward holds on chip.
+TILE_ELEMENTS = 2048
+MAX_BLOCK_S = 1024
+FUSED_MAX_ELEMENTS = 4096
+FUSED_MAX_BATCH = 64
+
+
+def _acc(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _tl_acc(dtype: torch.dtype):
+    return tl.float64 if dtype == torch.float64 else tl.float32
+
+
+# ---------------------------------------------------------------------------------------
+# Layout and launch geometry.
+
+
+def _dense(x: Tensor) -> Tensor:
+    """x itself when contiguous or channels_last (2d/3d); otherwise one contiguous copy."""
+    if x.dim() == 2 or x.is_contiguous():
+        return x.contiguous()
+    if (x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last)) or \
+            (x.dim() == 5 and x.is_contiguous(memory_format=torch.channels_last_3d)):
+        return x
+    return x.contiguous()
+
+
+def _strides(xd: Tensor) -> Tuple[int, int, int, int, int, int]:
+    """(N, C, S, sn, sc, ss) of the plane view of a dense x."""
+    n, c = xd.shape[0], xd.shape[1]
+    s = xd.numel() // (n * c)
+    ss = 1
+    for size, stride in zip(reversed(xd.shape[2:]), reversed(xd.stride()[2:])):
+        if size > 1:  # the innermost spatial dim that moves; size-1 dims have arbitrary strides
+            ss = stride
+            break
+    return n, c, s, xd.stride(0), xd.stride(1), ss
+
+
+def _like(t: Tensor, xd: Tensor) -> Tensor:
+    """t (grad_y) in exactly xd's strides and dtype, so both are walked with one offset."""
+    if t.dtype == xd.dtype and t.stride() == xd.stride():
+        return t
+    out = torch.empty_like(xd)
+    out.copy_(t)
+    return out
+
+
+_SM_COUNT = {}
+
+
+def _target_programs(device: torch.device) -> int:
+    if interpreting() or device.type != "cuda":
+        return 1  # the interpreter runs programs one after another: fewer is faster
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    if index not in _SM_COUNT:
+        _SM_COUNT[index] = torch.cuda.get_device_properties(index).multi_processor_count
+    return 4 * _SM_COUNT[index]
+
+
+def _geometry(n: int, c: int, s: int, sc: int, device: torch.device):
+    """Tile (BLOCK_C, BLOCK_S) with the unit-stride axis long, and the spatial split
+    (S_PER_PROG, SB) that gives the GPU enough programs."""
+    np2 = triton.next_power_of_2
+    if sc == 1:  # channels_last (or S == 1): channels are contiguous
+        block_c = min(np2(c), 64)
+        block_s = min(np2(s), max(1, TILE_ELEMENTS // block_c))
+    else:
+        block_s = min(np2(s), MAX_BLOCK_S)
+        block_c = min(np2(c), max(1, TILE_ELEMENTS // block_s))
+    cb = triton.cdiv(c, block_c)
+    chunks = triton.cdiv(s, block_s)
+    sb = max(1, min(chunks, triton.cdiv(_target_programs(device), n * cb)))
+    s_per_prog = triton.cdiv(chunks, sb) * block_s
+    sb = triton.cdiv(s, s_per_prog)
+    return dict(BLOCK_C=block_c, BLOCK_S=block_s), (n, cb, sb), s_per_prog, sb
+
+
+def _is_fake(t: Tensor) -> bool:
+    return isinstance(t, torch._subclasses.FakeTensor) or t.device.type == "meta"
+
+
+def _launch(kernel, grid, *args, **meta) -> None:
+    """``wrap_triton(kernel)[grid](...)``; interpreted kernels (TRITON_INTERPRET=1) that the
+    installed torch's wrap_triton refuses are launched directly, and skipped on fake
+    tensors (the fake kernel only needs the outputs' metadata)."""
+    try:
+        launcher = torch.library.wrap_triton(kernel)
+    except RuntimeError:
+        if not interpreting():
+            raise
+        launcher = kernel
+    if launcher is kernel and any(isinstance(a, Tensor) and _is_fake(a) for a in args):
+        return
+    launcher[grid](*args, **meta)
+
+
+# ---------------------------------------------------------------------------------------
+# Passes (torch-side wrappers of the kernels).
+
+
+def _plane_moments(xd: Tensor, acc: torch.dtype, plane_shift: bool) -> Tuple[Tensor, Tensor, Tensor]:
+    """shift, mean - shift and M2 of every (sample, channel) plane: one read of x.
+
+    shift is each plane's first value ((N, C), plane_shift) or the first value of each
+    channel's first plane ((1, C)); the shifted means are small numbers, so the merges
+    below lose nothing to a large common offset."""
+    n, c, s, sn, sc, ss = _strides(xd)
+    meta, grid, s_per_prog, sb = _geometry(n, c, s, sc, xd.device)
+    pmean = torch.empty((n, sb, c), dtype=acc, device=xd.device)
+    pm2 = torch.empty_like(pmean)
+    _launch(get_kernels().moments, grid, xd, pmean, pm2, c, s, sn, sc, ss, s_per_prog, sb, PLANE_SHIFT=plane_shift,
+            ACC=_tl_acc(acc), **meta)
+    first = xd.reshape(n, c, s)[:, :, 0]
+    shift = (first if plane_shift else first[:1]).to(acc)
+    if sb == 1:
+        return shift, pmean[:, 0], pm2[:, 0]
+    # Merge the spatial blocks of each plane (Chan), in block order.
+    k = (s - torch.arange(sb, device=xd.device) * s_per_prog).clamp(max=s_per_prog).to(acc).view(1, sb, 1)
+    mean = (k * pmean).sum(1, keepdim=True) / s
+    m2 = (pm2 + k * (pmean - mean).square()).sum(1)
+    return shift, mean[:, 0], m2
+
+
+def _affine(xd: Tensor, rows: Tensor, center: Tensor, scale: Tensor, beta: Tensor, relu: bool) -> Tensor:
+    n, c, s, sn, sc, ss = _strides(xd)
+    meta, grid, s_per_prog, _ = _geometry(n, c, s, sc, xd.device)
+    y = torch.empty_like(xd)
+    _launch(get_kernels().affine, grid, xd, y, rows, center, scale, beta, c, s, sn, sc, ss, s_per_prog, RELU=relu,
+            ACC=_tl_acc(center.dtype), **meta)
+    return y
+
+
+def _grad_sums(xd: Tensor, dy: Tensor, rows: Tensor, center: Tensor, scale: Tensor, beta: Tensor,
+               relu: bool) -> Tuple[Tensor, Tensor]:
+    """Per (sample, channel): sum of g and of g * (x - center), (N, C) each."""
+    n, c, s, sn, sc, ss = _strides(xd)
+    meta, grid, s_per_prog, sb = _geometry(n, c, s, sc, xd.device)
+    ps1 = torch.empty((n, sb, c), dtype=center.dtype, device=xd.device)
+    ps2 = torch.empty_like(ps1)
+    _launch(get_kernels().grad_sums, grid, xd, dy, rows, center, scale, beta, ps1, ps2, c, s, sn, sc, ss, s_per_prog,
+            sb, RELU=relu, ACC=_tl_acc(center.dtype), **meta)
+    return ps1.sum(1), ps2.sum(1)  # fixed-order reduction over the spatial blocks
+
+
+def _input_grad(xd: Tensor, dy: Tensor, rows: Tensor, tables, k, relu: bool) -> Tensor:
+    n, c, s, sn, sc, ss = _strides(xd)
+    meta, grid, s_per_prog, _ = _geometry(n, c, s, sc, xd.device)
+    dx = torch.empty_like(xd)
+    center, scale, beta = tables
+    ka, kx, k0 = k
+    _launch(get_kernels().input_grad, grid, xd, dy, dx, rows, center, scale, beta, ka, kx, k0, c, s, sn, sc, ss,
+            s_per_prog, RELU=relu, ACC=_tl_acc(center.dtype), **meta)
+    return dx
+
+
+def _fused_geometry(n: int, c: int, s: int, sc: int):
+    """Tile of the one-read training forward, or None when a slice does not fit on chip."""
+    np2 = triton.next_power_of_2
+    block_n, block_s = np2(n), np2(s)
+    if block_n > FUSED_MAX_BATCH or block_n * block_s > FUSED_MAX_ELEMENTS:
+        return None
+    # Powers of two throughout: the x tile is block_n x block_c x block_s, the same-group
+    # matrix product block_n x block_n x block_c.
+    room = min(FUSED_MAX_ELEMENTS // (block_n * block_s), 2 * FUSED_MAX_ELEMENTS // (block_n * block_n))
+    block_c = min(np2(c), room, 64)
+    if block_c < 1 or (sc == 1 and s > 1 and block_c < min(np2(c), 8)):
+        return None  # channels_last with too few channels per tile would not coalesce
+    return dict(BLOCK_N=block_n, BLOCK_C=block_c, BLOCK_S=block_s), (triton.cdiv(c, block_c),)
+
+
+# ---------------------------------------------------------------------------------------
+# Table math: tiny (rows, C) tensors, device-generic.
+
+
+def _sample_domains(domain: Optional[Tensor], pure_domain: int, n: int, device: torch.device) -> Tensor:
+    if domain is not None:
+        return domain.contiguous()
+    return torch.full((n,), pure_domain, dtype=torch.long, device=device)
+
+
+def _one_hot(index: Tensor, classes: int, dtype: torch.dtype) -> Tensor:
+    """(N, classes) membership, without the range check (a host sync) of F.one_hot."""
+    return (index.unsqueeze(1) == torch.arange(classes, device=index.device)).to(dtype)
+
+
+def _group_sum(member: Tensor, values: Tensor) -> Tensor:
+    """(G, C) sums over the samples of each group; member (N, G), values (N, C)."""
+    return (member.unsqueeze(2) * values.unsqueeze(1)).sum(0)
+
+
+def _param_rows(p: Optional[Tensor], rows: int, c: int, fill: float, dtype: torch.dtype, device) -> Tensor:
+    """(rows, C) values of an optional (rows, C) or (C,) parameter."""
+    if p is None:
+        return torch.full((rows, c), fill, dtype=dtype, device=device)
+    p = p.to(dtype)
+    return p.expand(rows, c) if p.dim() == 1 else p
+
+
+def _param_per_sample(p: Optional[Tensor], domains: Tensor, c: int, fill: float, dtype: torch.dtype) -> Tensor:
+    n = domains.numel()
+    if p is None:
+        return torch.full((n, c), fill, dtype=dtype, device=domains.device)
+    p = p.to(dtype)
+    return p.expand(n, c) if p.dim() == 1 else p.index_select(0, domains)
+
+
+def _bn_tables(mean: Tensor, var: Tensor, per_domain_moments: bool, weight, bias, d: int, c: int, eps: float,
+               acc: torch.dtype):
+    """center, scale, beta of every domain row, (D, C) in acc."""
+    rows_of = (lambda t: t) if per_domain_moments else (lambda t: t[:1].expand(d, c))
+    center = rows_of(mean.to(acc))
+    invstd = torch.rsqrt(rows_of(var.to(acc)) + eps)
+    scale = invstd * _param_rows(weight, d, c, 1.0, acc, mean.device)
+    beta = _param_rows(bias, d, c, 0.0, acc, mean.device)
+    return center.contiguous(), scale.contiguous(), beta.contiguous()
+
+
+def _param_grad(grad: Tensor, param: Optional[Tensor], acc: torch.dtype, c: int) -> Tensor:
+    """grad (rows, C) in float64 -> the parameter's shape and dtype, (C,) acc when absent."""
+    if param is None:
+        return grad.to(acc).reshape(c)
+    return grad.to(param.dtype).reshape(param.shape).contiguous()
+
+
+# ---------------------------------------------------------------------------------------
+# The ops.
+
+_triton_op = getattr(torch.library, "triton_op", None)
+
+
+def _define(name: str):
+    qualified = f"{NAMESPACE}::{name}"
+    if _triton_op is not None:
+        return lambda fn: _triton_op(qualified, fn, mutates_args=())
+
+    def register(fn):
+        op = torch.library.custom_op(qualified, fn, mutates_args=())
+        op.register_fake(fn)  # kernel launches are skipped on fake tensors
+        return op
+    return register
+
+
+@_define("domain_batch_norm_forward")
+def domain_batch_norm_forward(x: Tensor, domain: Optional[Tensor], pure_domain: int, weight: Optional[Tensor],
+                              bias: Optional[Tensor], running_mean: Optional[Tensor], running_var: Optional[Tensor],
+                              num_domains: int, use_batch_stats: bool, stats_per_domain: bool, eps: float,
+                              relu: bool) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    """y, the (G, C) statistics it normalized with, and each domain's value count (D,).
+
+    Bytes: eval 2*N*C*S*isz (one pass); training 2*N*C*S*isz when a channel's N x S slice
+    fits on chip (one fused pass), else 3*N*C*S*isz (moments, then the affine pass).
+    """
+    xd = _dense(x)
+    n, c, s, sn, sc, ss = _strides(xd)
+    d = num_domains
+    acc = _acc(x.dtype)
+    domains = _sample_domains(domain, pure_domain, n, xd.device)
+    count = _one_hot(domains, d, acc).sum(0) * s
+    if not use_batch_stats:
+        assert running_mean is not None and running_var is not None
+        mean = running_mean.to(acc).reshape(-1, c).clone()
+        var = running_var.to(acc).reshape(-1, c).clone()
+        center, scale, beta = _bn_tables(mean, var, running_mean.dim() == 2, weight, bias, d, c, eps, acc)
+        return _affine(xd, domains, center, scale, beta, relu), mean, var, count
+
+    g = d if stats_per_domain else 1
+    groups = domains if stats_per_domain else torch.zeros_like(domains)
+    fused = _fused_geometry(n, c, s, sc)
+    if fused is not None:
+        meta, grid = fused
+        mean = torch.zeros((g, c), dtype=acc, device=xd.device)
+        var = torch.zeros_like(mean)
+        y = torch.empty_like(xd)
+        w = weight.to(acc).contiguous() if weight is not None else mean
+        b = bias.to(acc).contiguous() if bias is not None else mean
+        _launch(get_kernels().bn_train_fused, grid, xd, y, groups, domains, w, b, mean, var, n, c, s, sn, sc, ss, eps,
+                HAS_W=weight is not None, W_PER_ROW=weight is not None and weight.dim() == 2,
+                HAS_B=bias is not None, B_PER_ROW=bias is not None and bias.dim() == 2, RELU=relu,
+                ACC=_tl_acc(acc), **meta)
+        return y, mean, var, count
+
+    # Two passes: plane moments (Welford partials), fixed-order merge per group, affine.
+    shift, pmean, pm2 = _plane_moments(xd, acc, plane_shift=False)  # pmean relative to shift (1, C)
+    member = _one_hot(groups, g, acc)
+    group_count = member.sum(0) * s
+    safe = group_count.clamp(min=1).unsqueeze(1)
+    shifted = _group_sum(member, pmean) * s / safe
+    spread = pm2 + s * (pmean - shifted.index_select(0, groups)).square()
+    var = _group_sum(member, spread) / safe
+    mean = torch.where(group_count.unsqueeze(1) > 0, shift + shifted, torch.zeros_like(shifted))
+    center, scale, beta = _bn_tables(mean, var, stats_per_domain, weight, bias, d, c, eps, acc)
+    return _affine(xd, domains, center, scale, beta, relu), mean, var, count
+
+
+@_define("domain_batch_norm_backward")
+def domain_batch_norm_backward(grad_y: Tensor, x: Tensor, domain: Optional[Tensor], pure_domain: int,
+                               weight: Optional[Tensor], bias: Optional[Tensor], mean: Tensor, var: Tensor,
+                               count: Tensor, num_domains: int, use_batch_stats: bool, stats_per_domain: bool,
+                               eps: float, relu: bool) -> Tuple[Tensor, Tensor, Tensor]:
+    """grad_x, grad_weight, grad_bias. Bytes: 5*N*C*S*isz (x and dy read twice, dx written)."""
+    xd = _dense(x)
+    dy = _like(grad_y, xd)
+    n, c, s, _, _, _ = _strides(xd)
+    d = num_domains
+    acc = _acc(x.dtype)
+    domains = _sample_domains(domain, pure_domain, n, xd.device)
+    per_domain_moments = stats_per_domain if use_batch_stats else mean.shape[0] > 1
+    tables = _bn_tables(mean, var, per_domain_moments, weight, bias, d, c, eps, acc)
+    ps1, ps2 = _grad_sums(xd, dy, domains, *tables, relu)
+
+    f64 = torch.float64
+    member = _one_hot(domains, d, f64)
+    s1 = _group_sum(member, ps1.to(f64))  # (D, C)
+    s2 = _group_sum(member, ps2.to(f64))
+    rows_of = (lambda t: t) if per_domain_moments else (lambda t: t[:1].expand(d, c))
+    inv = torch.rsqrt(rows_of(var.to(f64)) + eps)
+    w = _param_rows(weight, d, c, 1.0, f64, xd.device)
+    dbias = s1 if bias is not None and bias.dim() == 2 else s1.sum(0, keepdim=True)
+    dweight = inv * s2
+    if not (weight is not None and weight.dim() == 2):
+        dweight = dweight.sum(0, keepdim=True)
+    t1, t2 = w * s1, w * inv * s2
+    cnt = count.to(f64).unsqueeze(1)
+    if not per_domain_moments:
+        t1, t2, cnt = t1.sum(0, keepdim=True), t2.sum(0, keepdim=True), cnt.sum(0, keepdim=True)
+    if use_batch_stats:
+        safe = cnt.clamp(min=1)
+        m1 = torch.where(cnt > 0, t1 / safe, torch.zeros_like(t1)).expand(d, c)
+        m2 = torch.where(cnt > 0, t2 / safe, torch.zeros_like(t2)).expand(d, c)
+    else:
+        m1 = m2 = torch.zeros((d, c), dtype=f64, device=xd.device)
+    k = ((inv * w).to(acc).contiguous(), (-inv * inv * m2).to(acc).contiguous(), (-inv * m1).to(acc).contiguous())
+    dx = _input_grad(xd, dy, domains, tables, k, relu)
+    return dx, _param_grad(dweight, weight, acc, c), _param_grad(dbias, bias, acc, c)
+
+
+def _in_tables(mean: Tensor, var: Tensor, domains: Tensor, weight, bias, c: int, eps: float, acc: torch.dtype):
+    """center, scale, beta of every sample row, (N, C) in acc."""
+    scale = torch.rsqrt(var.to(acc) + eps) * _param_per_sample(weight, domains, c, 1.0, acc)
+    beta = _param_per_sample(bias, domains, c, 0.0, acc)
+    return mean.to(acc).contiguous(), scale.contiguous(), beta.contiguous()
+
+
+@_define("domain_instance_norm_forward")
+def domain_instance_norm_forward(x: Tensor, domain: Optional[Tensor], pure_domain: int, weight: Optional[Tensor],
+                                 bias: Optional[Tensor], num_domains: int, eps: float,
+                                 relu: bool) -> Tuple[Tensor, Tensor, Tensor]:
+    """y and the (N, C) plane moments. Bytes: 3*N*C*S*isz (moments read, affine read+write)."""
+    xd = _dense(x)
+    n, c, s, _, _, _ = _strides(xd)
+    acc = _acc(x.dtype)
+    domains = _sample_domains(domain, pure_domain, n, xd.device)
+    shift, shifted, m2 = _plane_moments(xd, acc, plane_shift=True)
+    mean = (shift + shifted).contiguous()
+    var = m2 / s
+    tables = _in_tables(mean, var, domains, weight, bias, c, eps, acc)
+    rows = torch.arange(n, device=xd.device)
+    return _affine(xd, rows, *tables, relu), mean.clone(), var
+
+
+@_define("domain_instance_norm_backward")
+def domain_instance_norm_backward(grad_y: Tensor, x: Tensor, domain: Optional[Tensor], pure_domain: int,
+                                  weight: Optional[Tensor], bias: Optional[Tensor], mean: Tensor, var: Tensor,
+                                  num_domains: int, eps: float, relu: bool) -> Tuple[Tensor, Tensor, Tensor]:
+    """grad_x, grad_weight, grad_bias. Bytes: 5*N*C*S*isz."""
+    xd = _dense(x)
+    dy = _like(grad_y, xd)
+    n, c, s, _, _, _ = _strides(xd)
+    d = num_domains
+    acc = _acc(x.dtype)
+    domains = _sample_domains(domain, pure_domain, n, xd.device)
+    tables = _in_tables(mean, var, domains, weight, bias, c, eps, acc)
+    rows = torch.arange(n, device=xd.device)
+    ps1, ps2 = _grad_sums(xd, dy, rows, *tables, relu)
+    f64 = torch.float64
+    ps1, ps2 = ps1.to(f64), ps2.to(f64)
+    inv = torch.rsqrt(var.to(f64) + eps)
+    wd = _param_per_sample(weight, domains, c, 1.0, f64)
+    member = _one_hot(domains, d, f64)
+    dbias = _group_sum(member, ps1) if bias is not None and bias.dim() == 2 else ps1.sum(0, keepdim=True)
+    dweight = _group_sum(member, inv * ps2) if weight is not None and weight.dim() == 2 else \
+        (inv * ps2).sum(0, keepdim=True)
+    m1 = wd * ps1 / s
+    m2 = wd * inv * ps2 / s
+    k = ((inv * wd).to(acc).contiguous(), (-inv * inv * m2).to(acc).contiguous(), (-inv * m1).to(acc).contiguous())
+    dx = _input_grad(xd, dy, rows, tables, k, relu)
+    return dx, _param_grad(dweight, weight, acc, c), _param_grad(dbias, bias, acc, c)
+
+
+# ---------------------------------------------------------------------------------------
+# Autograd.
+
+
+def _bn_setup(ctx, inputs, output):
+    x, domain, pure_domain, weight, bias, _, _, num_domains, use_batch_stats, stats_per_domain, eps, relu = inputs
+    _, mean, var, count = output
+    ctx.mark_non_differentiable(mean, var, count)
+    ctx.save_for_backward(x, domain, weight, bias, mean, var, count)
+    ctx.options = (pure_domain, num_domains, use_batch_stats, stats_per_domain, eps, relu)
+
+
+def _bn_backward(ctx, grad_y, _grad_mean, _grad_var, _grad_count):
+    x, domain, weight, bias, mean, var, count = ctx.saved_tensors
+    pure_domain, num_domains, use_batch_stats, stats_per_domain, eps, relu = ctx.options
+    grad_x, grad_w, grad_b = torch.ops.unirep_triton.domain_batch_norm_backward(
+        grad_y, x, domain, pure_domain, weight, bias, mean, var, count, num_domains, use_batch_stats,
+        stats_per_domain, eps, relu)
+    needs = ctx.needs_input_grad
+    return (grad_x if needs[0] else None, None, None, grad_w if needs[3] else None,
+            grad_b if needs[4] else None) + (None,) * 7
+
+
+def _in_setup(ctx, inputs, output):
+    x, domain, pure_domain, weight, bias, num_domains, eps, relu = inputs
+    _, mean, var = output
+    ctx.mark_non_differentiable(mean, var)
+    ctx.save_for_backward(x, domain, weight, bias, mean, var)
+    ctx.options = (pure_domain, num_domains, eps, relu)
+
+
+def _in_backward(ctx, grad_y, _grad_mean, _grad_var):
+    x, domain, weight, bias, mean, var = ctx.saved_tensors
+    pure_domain, num_domains, eps, relu = ctx.options
+    grad_x, grad_w, grad_b = torch.ops.unirep_triton.domain_instance_norm_backward(
+        grad_y, x, domain, pure_domain, weight, bias, mean, var, num_domains, eps, relu)
+    needs = ctx.needs_input_grad
+    return (grad_x if needs[0] else None, None, None, grad_w if needs[3] else None,
+            grad_b if needs[4] else None) + (None,) * 3
+
+
+domain_batch_norm_forward.register_autograd(_bn_backward, setup_context=_bn_setup)
+domain_instance_norm_forward.register_autograd(_in_backward, setup_context=_in_setup)
+
+
+# ---------------------------------------------------------------------------------------
+# Running statistics.
+
+
+def update_running_stats(running_mean: Tensor, running_var: Tensor, mean: Tensor, var: Tensor, count: Tensor,
+                         momentum: float) -> None:
+    """In-place update from one batch's (G, C) statistics; the rules of
+    ``reference.update_running_stats``, as fixed-shape tensor ops (no host sync). The same
+    arithmetic as ``unirep::update_running_stats`` (csrc/ops.cpp), for when the extension
+    is not built."""
+    m = momentum
+    n = count.to(mean.dtype)
+    present = n > 0
+    if mean.shape[0] == count.numel():  # one group per domain
+        unbiased = var * (n / (n - 1).clamp(min=1)).unsqueeze(1)
+        if running_mean.dim() == 2:
+            keep = present.unsqueeze(1)
+            new_mean = torch.where(keep, running_mean * (1 - m) + mean * m, running_mean)
+            new_var = torch.where(keep, running_var * (1 - m) + unbiased * m, running_var)
+        else:
+            # Present groups in increasing domain order: group d is later scaled by (1 - m)
+            # once for every present group after it.
+            p = present.to(mean.dtype)
+            after = p.flip(0).cumsum(0).flip(0) - p
+            coef = (p * m * torch.pow(1 - m, after)).unsqueeze(1)
+            decay = torch.pow(torch.full((), 1 - m, dtype=mean.dtype, device=mean.device), p.sum())
+            new_mean = running_mean * decay + (coef * mean).sum(0)
+            new_var = running_var * decay + (coef * unbiased).sum(0)
+    else:
+        total = n.sum()
+        unbiased = var[0] * total / (total - 1).clamp(min=1)
+        if running_mean.dim() == 2:
+            keep = present.unsqueeze(1)
+            new_mean = torch.where(keep, running_mean * (1 - m) + mean[0] * m, running_mean)
+            new_var = torch.where(keep, running_var * (1 - m) + unbiased * m, running_var)
+        else:
+            new_mean = running_mean * (1 - m) + mean[0] * m
+            new_var = running_var * (1 - m) + unbiased * m
+    running_mean.copy_(new_mean)
+    running_var.copy_(new_var)
