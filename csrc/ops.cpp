@@ -13,9 +13,9 @@ namespace {
 // tensor arithmetic with no host synchronisation, so it serves every device.
 void update_running_stats(at::Tensor& running_mean, at::Tensor& running_var, const at::Tensor& mean,
                           const at::Tensor& var, const at::Tensor& count, double momentum) {
+  TORCH_CHECK(mean.dim() == 2 && var.sizes() == mean.sizes(), "update_running_stats: mean/var must be (G, C)");
   const int64_t D = count.numel();
   const int64_t C = mean.size(1);
-  TORCH_CHECK(mean.dim() == 2 && var.sizes() == mean.sizes(), "update_running_stats: mean/var must be (G, C)");
   TORCH_CHECK(running_mean.numel() == C || running_mean.numel() == D * C,
               "update_running_stats: running_mean must be (C,) or (num_domains, C)");
   const at::Tensor n = count.to(mean.scalar_type());

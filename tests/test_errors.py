@@ -118,3 +118,51 @@ def test_kernels_check_domain_range_themselves(backend):
         torch.ops.unirep.domain_batch_norm_forward(torch.randn(3, C, 1, 1), torch.tensor([0, 0, 1]), -1, None, None,
                                                    None, None, D, True, True, 1e-5, False)
     assert torch.equal(rm, args["running_mean"])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_running_stats_that_share_memory_are_rejected_before_any_write(backend):
+    args = _good()
+    rm = torch.zeros(D, C)
+    rv = torch.ones(C).expand(D, C)  # one storage row for every domain
+    with pytest.raises(ValueError, match="running_var has elements that share memory"):
+        uk.domain_batch_norm(args["x"], args["domain"], None, None, rm, rv, num_domains=D, use_batch_stats=True,
+                             backend=backend)
+    assert torch.equal(rm, torch.zeros(D, C))
+    shared = torch.ones(D, C)
+    with pytest.raises(ValueError, match="must not share memory"):
+        uk.domain_batch_norm(args["x"], args["domain"], None, None, shared, shared, num_domains=D,
+                             use_batch_stats=True, backend=backend)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("name", ["momentum", "eps"])
+def test_non_numeric_momentum_or_eps_is_named(backend, name):
+    args = _good()
+    with pytest.raises(TypeError, match=f"{name} must be a float"):
+        uk.domain_batch_norm(*args.values(), num_domains=D, use_batch_stats=True, backend=backend, **{name: None})
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_compiled_ops_check_parameter_shapes_themselves(backend):
+    """Direct torch.ops calls bypass the Python checks: the kernels must not read out of bounds."""
+    x = torch.randn(4, 3, 2, 2)
+    with pytest.raises(ValueError, match=r"weight must have shape \(num_domains, C\) = \(3, 3\)"):
+        torch.ops.unirep.domain_batch_norm_forward(x, None, 2, torch.randn(1, 3), None, None, None, 3, True, True,
+                                                   1e-5, False)
+    with pytest.raises(ValueError, match="bias must have shape"):
+        torch.ops.unirep.domain_instance_norm_forward(x, None, 0, None, torch.randn(5), 3, 1e-5, False)
+    with pytest.raises(ValueError, match="running stats must have shape"):
+        torch.ops.unirep.domain_batch_norm_forward(x, None, 0, None, None, torch.zeros(2, 3), torch.ones(2, 3), 3,
+                                                   False, True, 1e-5, False)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_double_backward_is_refused(backend):
+    x = torch.randn(6, C, 3, 3, dtype=torch.float64, requires_grad=True)
+    y = uk.domain_batch_norm(x, 0, None, None, None, None, num_domains=1, use_batch_stats=True, backend=backend)
+    with pytest.raises(NotImplementedError, match="double backward"):
+        torch.autograd.grad(y.square().sum(), x, create_graph=True)
+    z = uk.domain_instance_norm(x, 0, None, None, num_domains=1, backend=backend)
+    with pytest.raises(NotImplementedError, match="double backward"):
+        torch.autograd.grad(z.square().sum(), x, create_graph=True)

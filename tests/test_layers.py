@@ -226,3 +226,24 @@ def test_layer_trains_under_sgd(backend):
         loss.backward()
         opt.step()
     assert loss.item() < 0.5 * first
+
+
+def test_convert_keeps_dtype_and_frozen_parameters():
+    net = nn.Sequential(nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4)).double()
+    net[1].weight.requires_grad_(False)
+    converted = uk.convert_domain_norm(net, 2)
+    assert converted[1].weight.dtype == torch.float64 and converted[1].running_var.dtype == torch.float64
+    assert not converted[1].weight.requires_grad and converted[1].bias.requires_grad
+
+
+def test_old_batchnorm_state_dict_without_num_batches_tracked_loads():
+    plain = nn.BatchNorm2d(5)
+    state = {k: v for k, v in plain.state_dict().items() if k != "num_batches_tracked"}
+    layer = uk.DomainBatchNorm2d(5, 3)
+    layer.load_state_dict(state)
+    assert int(layer.num_batches_tracked) == 0
+
+
+def test_domain_scale_rejects_out_of_range_domain_tensor():
+    with pytest.raises(ValueError, match=r"domain values must lie in \[0, 2\)"):
+        uk.DomainScale2d(3, 2)(torch.randn(2, 3, 2, 2), torch.tensor([0, 2]))

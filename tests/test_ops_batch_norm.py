@@ -218,3 +218,26 @@ def test_results_do_not_depend_on_thread_count(backend):
             torch.set_num_threads(threads)
     for a, b in zip(*outs):
         assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("backend", COMPILED_BACKENDS)
+@pytest.mark.parametrize("use_batch_stats", [True, False])
+def test_nan_propagates_through_fused_relu(backend, use_batch_stats):
+    """A NaN must not be hidden by the fused ReLU (torch.relu keeps NaN)."""
+    case = _case((6, 4, (3, 3)), 3, "mixed", "domain", "domain", "domain", 2, device=devices_for(backend)[0])
+    case["x"][1, 2, 1, 1] = float("nan")
+    kw = dict(use_batch_stats=use_batch_stats, relu=True)
+    y = _run(clone_stats(case), backend, **kw)
+    y_ref = _run(clone_stats(case), "reference", **kw)
+    assert torch.equal(torch.isnan(y), torch.isnan(y_ref)) and torch.isnan(y).any()
+    z = uk.domain_instance_norm(case["x"], case["domain"], None, None, num_domains=3, relu=True, backend=backend)
+    assert torch.isnan(z[1, 2]).all()
+
+
+@pytest.mark.parametrize("backend", COMPILED_BACKENDS)
+def test_non_contiguous_running_stats(backend):
+    case = _case((6, 4, (3, 3)), 3, "mixed", "domain", "domain", "domain", 4, device=devices_for(backend)[0])
+    case["running_mean"] = case["running_mean"].t().contiguous().t()  # same values, transposed strides
+    case["running_var"] = case["running_var"].t().contiguous().t()
+    _compare(case, backend, atol=1e-10, rtol=1e-10, use_batch_stats=False)
+    _compare(case, backend, atol=1e-10, rtol=1e-10, use_batch_stats=True)

@@ -86,8 +86,17 @@ def check_batch_norm(x: Tensor, domain, weight, bias, running_mean, running_var,
     if running_mean is not None and running_mean.shape != running_var.shape:
         raise ValueError(f"{op}: running_mean {tuple(running_mean.shape)} and running_var "
                          f"{tuple(running_var.shape)} must have the same shape")
+    if running_mean is not None and not _is_compiling():  # memory addresses: eager only
+        for name, t in (("running_mean", running_mean), ("running_var", running_var)):
+            if any(stride == 0 and size > 1 for size, stride in zip(t.shape, t.stride())):
+                raise ValueError(f"{op}: {name} has elements that share memory (an expanded view?); "
+                                 "running stats are updated in place and need their own storage")
+        if _memory_ranges_overlap(running_mean, running_var):
+            raise ValueError(f"{op}: running_mean and running_var must not share memory")
     if not use_batch_stats and running_mean is None:
         raise ValueError(f"{op}: use_batch_stats=False normalizes by running_mean/running_var, which are None")
+    _check_number(op, "eps", eps)
+    _check_number(op, "momentum", momentum)
     if not eps > 0:
         raise ValueError(f"{op}: eps must be positive, got {eps}")
     if not 0.0 <= momentum <= 1.0:
@@ -95,6 +104,22 @@ def check_batch_norm(x: Tensor, domain, weight, bias, running_mean, running_var,
     if use_batch_stats:
         _check_group_sizes(op, x, domain_tensor, num_domains, stats_per_domain)
     return domain_tensor, pure
+
+
+def _memory_ranges_overlap(a: Tensor, b: Tensor) -> bool:
+    """Whether the byte ranges spanned by two tensors intersect (conservative)."""
+    def span(t):
+        start = t.data_ptr()
+        extent = sum((size - 1) * stride for size, stride in zip(t.shape, t.stride())) + 1
+        return start, start + extent * t.element_size()
+
+    (a0, a1), (b0, b1) = span(a), span(b)
+    return a0 < b1 and b0 < a1
+
+
+def _check_number(op: str, name: str, value) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{op}: {name} must be a float, got {type(value).__name__}")
 
 
 def _check_group_sizes(op: str, x: Tensor, domain_tensor: Optional[Tensor], num_domains: int,
@@ -122,6 +147,7 @@ def check_instance_norm(x: Tensor, domain, weight, bias, num_domains: int, eps: 
     domain_tensor, pure = check_domain(op, x, domain, num_domains)
     check_param(op, "weight", weight, x, num_domains)
     check_param(op, "bias", bias, x, num_domains)
+    _check_number(op, "eps", eps)
     if not eps > 0:
         raise ValueError(f"{op}: eps must be positive, got {eps}")
     if x.numel() // (x.shape[0] * x.shape[1]) <= 1:

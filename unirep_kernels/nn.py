@@ -132,6 +132,9 @@ class DomainBatchNorm2d(nn.Module):
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         _load_broadcast(self, state_dict, prefix, ("weight", "bias", "running_mean", "running_var"))
+        key = prefix + "num_batches_tracked"
+        if self.num_batches_tracked is not None and key not in state_dict:
+            state_dict[key] = torch.tensor(0, dtype=torch.long)  # as nn.BatchNorm2d accepts old state dicts
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def extra_repr(self) -> str:
@@ -190,8 +193,10 @@ class DomainScale2d(nn.Module):
                 raise ValueError(f"DomainScale2d: domain must lie in [0, {self.num_domains}), got {d}")
             w, b = self.weight[d].view(1, -1, 1, 1), self.bias[d].view(1, -1, 1, 1)
         else:
-            if d.dtype != torch.int64 or d.shape != (x.shape[0],):
-                raise ValueError(f"DomainScale2d: domain tensor must be int64 of shape ({x.shape[0]},)")
+            if d.dtype != torch.int64 or d.shape != (x.shape[0],) or d.device != x.device:
+                raise ValueError(f"DomainScale2d: domain tensor must be int64 of shape ({x.shape[0]},) on {x.device}")
+            if not torch.compiler.is_compiling() and (int(d.min()) < 0 or int(d.max()) >= self.num_domains):
+                raise ValueError(f"DomainScale2d: domain values must lie in [0, {self.num_domains})")
             w = self.weight.index_select(0, d)[:, :, None, None]
             b = self.bias.index_select(0, d)[:, :, None, None]
         return torch.addcmul(b.to(x.dtype), x, w.to(x.dtype))
@@ -240,6 +245,8 @@ def _convert_one(m: nn.Module, num_domains: int, domain_affine: bool, domain_sta
         return m
     ref = next(iter(m.state_dict().values()), None)
     if ref is not None:
-        new = new.to(device=ref.device)
+        new = new.to(device=ref.device, dtype=ref.dtype)
+    for name, p in m.named_parameters(recurse=False):  # keep frozen parameters frozen
+        getattr(new, name).requires_grad_(p.requires_grad)
     new.train(m.training)
     return new

@@ -175,7 +175,15 @@ def _register() -> None:
         ctx.save_for_backward(x, domain, weight, bias, mean, var, count)
         ctx.options = (pure_domain, num_domains, use_batch_stats, stats_per_domain, eps, relu)
 
+    def _no_double_backward(name):
+        # The backward ops have no derivative of their own: refuse create_graph=True instead
+        # of returning silently wrong second derivatives.
+        if torch.is_grad_enabled() and not torch.compiler.is_compiling():
+            raise NotImplementedError(f"{name}: double backward (create_graph=True) is not supported; "
+                                      "use backend='reference' for higher-order gradients")
+
     def _bn_backward(ctx, grad_y, _grad_mean, _grad_var, _grad_count):
+        _no_double_backward("domain_batch_norm")
         x, domain, weight, bias, mean, var, count = ctx.saved_tensors
         pure_domain, num_domains, use_batch_stats, stats_per_domain, eps, relu = ctx.options
         grad_x, grad_w, grad_b = torch.ops.unirep.domain_batch_norm_backward(
@@ -195,6 +203,7 @@ def _register() -> None:
         ctx.options = (pure_domain, num_domains, eps, relu)
 
     def _in_backward(ctx, grad_y, _grad_mean, _grad_var):
+        _no_double_backward("domain_instance_norm")
         x, domain, weight, bias, mean, var = ctx.saved_tensors
         pure_domain, num_domains, eps, relu = ctx.options
         grad_x, grad_w, grad_b = torch.ops.unirep.domain_instance_norm_backward(

@@ -75,17 +75,19 @@ def group_moments(x: Tensor, groups: Tensor, num_groups: int) -> Tuple[Tensor, T
     n, c = x.shape[0], x.shape[1]
     xf = x.to(acc).reshape(n, c, -1)
     spatial = xf.shape[-1]
-    member = torch.nn.functional.one_hot(groups, num_groups).to(acc)  # (N, G)
-    count = member.sum(0) * spatial
+    # Sums per group with index_add (not a one-hot matmul, where 0 * NaN would leak one
+    # domain's NaN into every other domain's statistics).
+    zeros = xf.new_zeros((num_groups, c))
+    count = xf.new_zeros((num_groups,)).index_add(0, groups, xf.new_full((n,), float(spatial)))
     safe_count = count.clamp(min=1).unsqueeze(-1)
     # First pass: means. Subtracting each plane's first value keeps float32 sums small
     # for inputs with a large offset.
     shift = xf[:, :, :1]
     plane_mean = shift.squeeze(-1) + (xf - shift).mean(-1)
-    mean = member.t() @ (plane_mean * spatial) / safe_count
+    mean = zeros.index_add(0, groups, plane_mean * spatial) / safe_count
     # Second pass: centred squares around the group mean.
     centred = xf - mean.index_select(0, groups).unsqueeze(-1)
-    var = member.t() @ centred.square().sum(-1) / safe_count
+    var = zeros.index_add(0, groups, centred.square().sum(-1)) / safe_count
     return mean, var, count
 
 

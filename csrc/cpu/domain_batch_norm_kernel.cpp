@@ -50,7 +50,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward(
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, v.x.scalar_type(), "domain_batch_norm_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    const ParamRows<acc_t> w(weight, C, acc_t(1), acc), b(bias, C, acc_t(0), acc);
+    const ParamRows<acc_t> w(weight, num_domains, C, acc_t(1), acc, "weight");
+    const ParamRows<acc_t> b(bias, num_domains, C, acc_t(0), acc, "bias");
     AffineTables<acc_t> tables(D, C);
     if (use_batch_stats) {
       const int64_t G = stats_per_domain ? D : 1;
@@ -85,8 +86,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward(
     } else {
       TORCH_CHECK(running_mean.has_value() && running_var.has_value(), kForward,
                   ": running_mean and running_var are required when use_batch_stats=False");
-      mean = running_mean->to(acc).reshape({-1, C}).clone();
-      var = running_var->to(acc).reshape({-1, C}).clone();
+      for (const auto* stat : {&running_mean, &running_var}) {
+        TORCH_CHECK_VALUE((*stat)->numel() == C || (*stat)->numel() == D * C, kForward,
+                          ": running stats must have shape (num_domains, C) or (C,), got ", (*stat)->sizes());
+      }
+      // A fresh row-major copy: the tables read it by index, and later in-place updates of
+      // the running stats must not change what the backward sees.
+      mean = running_mean->to(acc).reshape({-1, C}).clone(at::MemoryFormat::Contiguous);
+      var = running_var->to(acc).reshape({-1, C}).clone(at::MemoryFormat::Contiguous);
       for (int64_t c = 0; c < C; ++c) {
         fill_tables<acc_t>(tables, c, D, C, mean.data_ptr<acc_t>(), var.data_ptr<acc_t>(), running_mean->dim() == 2,
                            w, b, eps);
@@ -115,7 +122,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward(
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, v.x.scalar_type(), "domain_batch_norm_backward_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    const ParamRows<acc_t> w(weight, C, acc_t(1), acc), b(bias, C, acc_t(0), acc);
+    const ParamRows<acc_t> w(weight, num_domains, C, acc_t(1), acc, "weight");
+    const ParamRows<acc_t> b(bias, num_domains, C, acc_t(0), acc, "bias");
     const at::Tensor mean_acc = mean.to(acc).contiguous(), var_acc = var.to(acc).contiguous();
     const bool per_domain_moments = use_batch_stats ? stats_per_domain : mean.size(0) > 1;
     const acc_t* gvar = var_acc.data_ptr<acc_t>();

@@ -46,7 +46,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> forward(const at::Tensor& x_in, c
   at::Tensor var = at::empty({N, C}, at::TensorOptions().dtype(acc));
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, v.x.scalar_type(), "domain_instance_norm_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    const ParamRows<acc_t> w(weight, C, acc_t(1), acc), b(bias, C, acc_t(0), acc);
+    const ParamRows<acc_t> w(weight, num_domains, C, acc_t(1), acc, "weight");
+    const ParamRows<acc_t> b(bias, num_domains, C, acc_t(0), acc, "bias");
     acc_t* pm = mean.data_ptr<acc_t>();
     acc_t* pv = var.data_ptr<acc_t>();
     AffineTables<acc_t> tables(N, C);
@@ -79,7 +80,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward(const at::Tensor& grad_y
   at::Tensor dbias = at::zeros({brows, C}, at::TensorOptions().dtype(at::kDouble));
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, v.x.scalar_type(), "domain_instance_norm_backward_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    const ParamRows<acc_t> w(weight, C, acc_t(1), acc), b(bias, C, acc_t(0), acc);
+    const ParamRows<acc_t> w(weight, num_domains, C, acc_t(1), acc, "weight");
+    const ParamRows<acc_t> b(bias, num_domains, C, acc_t(0), acc, "bias");
     const at::Tensor mean_acc = mean.to(acc).contiguous(), var_acc = var.to(acc).contiguous();
     const acc_t* pv = var_acc.data_ptr<acc_t>();
     AffineTables<acc_t> tables(N, C);

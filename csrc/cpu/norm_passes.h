@@ -1,4 +1,4 @@
-// The four passes over memory that every domain-muxed normalization on the CPU is made of.
+// The passes over memory that every domain-muxed normalization on the CPU is made of.
 //
 // A normalization op is: (1) per-(sample, channel) moments of x, (2) tiny per-channel
 // "table math" that turns them into per-row tables (center, scale, beta), (3) one
@@ -38,7 +38,7 @@ struct PlaneView {
   bool channels_last = false;
 };
 
-// Views x as planes without copying when it is contiguous or channels_last (2d or 3d);
+// Views x as planes without copying when it is contiguous or channels_last (4-d or 5-d);
 // any other strides are made contiguous (one copy, documented in the README).
 inline PlaneView plane_view(const at::Tensor& x) {
   PlaneView v;
@@ -68,6 +68,17 @@ inline at::Tensor same_layout(const at::Tensor& grad_y, const PlaneView& v) {
   return g.contiguous();
 }
 
+// The fused ReLU, as torch.relu: negatives become 0, NaN stays NaN; its gradient passes
+// where the pre-activation is not <= 0 (torch's threshold_backward rule).
+template <typename acc_t>
+inline acc_t activate(acc_t pre, bool relu) {
+  return relu && pre < 0 ? acc_t(0) : pre;
+}
+template <typename acc_t>
+inline bool relu_blocks(acc_t pre, bool relu) {
+  return relu && pre <= 0;
+}
+
 // Per-row tables, (rows, C) row-major in acc_t: y = act((x - center) * scale + beta).
 template <typename acc_t>
 struct AffineTables {
@@ -82,9 +93,9 @@ struct InputGradTables {
   InputGradTables(int64_t rows, int64_t C) : ka(rows * C), kx(rows * C), k0(rows * C) {}
 };
 
-// ---- The four passes, as bodies over one run of `count` values of one channel, read with
-// a stride (1 in an NCS plane, C in an NSC block). `omp simd reduction` lets the compiler
-// split sums over vector lanes in a fixed order for a given build (deterministic).
+// ---- The pass bodies over one NCS plane (S contiguous values of one sample and channel).
+// `omp simd reduction` lets the compiler split sums over vector lanes in a fixed order for
+// a given build (deterministic).
 
 // Forward reduction: mean and M2 of one plane; two passes (the second hits cache), the
 // first shifted by the plane's first value so a large common offset costs no precision.
@@ -109,10 +120,7 @@ inline void plane_moments(const scalar_t* x, int64_t S, acc_t& mean_out, acc_t& 
 template <typename scalar_t, typename acc_t>
 inline void plane_affine(const scalar_t* x, scalar_t* y, int64_t S, acc_t m, acc_t a, acc_t b, bool relu) {
   if (relu) {
-    for (int64_t s = 0; s < S; ++s) {
-      const acc_t val = (static_cast<acc_t>(x[s]) - m) * a + b;
-      y[s] = static_cast<scalar_t>(val > 0 ? val : acc_t(0));
-    }
+    for (int64_t s = 0; s < S; ++s) y[s] = static_cast<scalar_t>(activate((static_cast<acc_t>(x[s]) - m) * a + b, true));
   } else {
     for (int64_t s = 0; s < S; ++s) y[s] = static_cast<scalar_t>((static_cast<acc_t>(x[s]) - m) * a + b);
   }
@@ -128,7 +136,7 @@ inline void plane_grad_sums(const scalar_t* x, const scalar_t* dy, int64_t S, ac
   for (int64_t s = 0; s < S; ++s) {
     const acc_t xc = static_cast<acc_t>(x[s]) - m;
     acc_t gv = static_cast<acc_t>(dy[s]);
-    if (relu && !(xc * a + b > 0)) gv = 0;
+    if (relu_blocks(xc * a + b, relu)) gv = 0;
     s1 += gv;
     s2 += gv * xc;
   }
@@ -143,7 +151,7 @@ inline void plane_input_grad(const scalar_t* x, const scalar_t* dy, scalar_t* dx
   for (int64_t s = 0; s < S; ++s) {
     const acc_t xc = static_cast<acc_t>(x[s]) - m;
     acc_t gv = static_cast<acc_t>(dy[s]);
-    if (relu && !(xc * a + b > 0)) gv = 0;
+    if (relu_blocks(xc * a + b, relu)) gv = 0;
     dx[s] = static_cast<scalar_t>(ka * gv + kx * xc + k0);
   }
 }
@@ -246,8 +254,7 @@ void nsc_affine(const PlaneView& v, at::Tensor& y, const int64_t* rows, const Af
         const scalar_t* in = x + (n * S + s) * C;
         scalar_t* o = out + (n * S + s) * C;
         for (int64_t c = 0; c < C; ++c) {
-          const acc_t val = (static_cast<acc_t>(in[c]) - m[c]) * a[c] + b[c];
-          o[c] = static_cast<scalar_t>(relu && !(val > 0) ? acc_t(0) : val);
+          o[c] = static_cast<scalar_t>(activate((static_cast<acc_t>(in[c]) - m[c]) * a[c] + b[c], relu));
         }
       }
     }
@@ -275,7 +282,7 @@ void nsc_grad_sums(const PlaneView& v, const at::Tensor& dy, const int64_t* rows
         for (int64_t c = 0; c < C; ++c) {
           const acc_t xc = static_cast<acc_t>(in[c]) - m[c];
           acc_t gv = static_cast<acc_t>(gp[c]);
-          if (relu && !(xc * a[c] + b[c] > 0)) gv = 0;
+          if (relu_blocks(xc * a[c] + b[c], relu)) gv = 0;
           s1[c] += gv;
           s2[c] += gv * xc;
         }
@@ -302,7 +309,7 @@ void nsc_input_grad(const PlaneView& v, const at::Tensor& dy, at::Tensor& dx, co
         for (int64_t c = 0; c < C; ++c) {
           const acc_t xc = static_cast<acc_t>(in[c]) - t.center[base + c];
           acc_t gv = static_cast<acc_t>(gp[c]);
-          if (relu && !(xc * t.scale[base + c] + t.beta[base + c] > 0)) gv = 0;
+          if (relu_blocks(xc * t.scale[base + c] + t.beta[base + c], relu)) gv = 0;
           o[c] = static_cast<scalar_t>(k.ka[base + c] * gv + k.kx[base + c] * xc + k.k0[base + c]);
         }
       }
@@ -374,21 +381,26 @@ void run_backward(const PlaneView& v, const at::Tensor& dy, at::Tensor& dx, cons
 template <typename acc_t>
 struct ParamRows {
   at::Tensor values;  // contiguous acc_t copy (tiny)
+  const acc_t* data = nullptr;
   bool per_row = false;
-  bool present = false;
   acc_t fill;
   int64_t C;
-  ParamRows(const c10::optional<at::Tensor>& p, int64_t C_, acc_t fill_, at::ScalarType acc)
+  // `rows`: the row count a 2-d parameter must have (num_domains).
+  ParamRows(const c10::optional<at::Tensor>& p, int64_t rows, int64_t C_, acc_t fill_, at::ScalarType acc,
+            const char* name)
       : fill(fill_), C(C_) {
     if (p.has_value() && p->defined()) {
+      TORCH_CHECK_VALUE((p->dim() == 1 && p->size(0) == C) || (p->dim() == 2 && p->size(0) == rows && p->size(1) == C),
+                        name, " must have shape (num_domains, C) = (", rows, ", ", C, ") or (C,) = (", C, ",), got ",
+                        p->sizes());
       values = p->to(acc).contiguous();
+      data = values.data_ptr<acc_t>();
       per_row = p->dim() == 2;
-      present = true;
     }
   }
   acc_t at(int64_t row, int64_t c) const {
-    if (!present) return fill;
-    return values.data_ptr<acc_t>()[(per_row ? row * C : 0) + c];
+    if (data == nullptr) return fill;
+    return data[(per_row ? row * C : 0) + c];
   }
 };
 
