@@ -1,0 +1,612 @@
+"""``python -m unirep.train``: the paper's training regime (section 3.3) on one device or many.
+
+Pure batches visiting the domains round-robin (or mixed batches), SGD with momentum 0.9 and
+weight decay 1e-4, a short warm-up at lr 0.01 then 0.1 decayed to 1e-4, per-domain top-1
+error at the end.  Run ``python -m unirep.train --help`` for every option; see
+docs/training.md for outputs, resuming and ``torchrun``.
+
+Outputs in ``--out`` (default ``runs/<strategy>-<sharing>-<time>``): ``config.json``,
+``checkpoint.pt`` (written atomically, periodically and on SIGINT/SIGTERM), ``metrics.csv``,
+``eval.json``, ``curves.png`` and ``errors.png``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import math
+import os
+import random
+import signal
+import sys
+import time
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence
+
+import numpy as np
+import torch
+
+from . import distributed as udist
+
+__all__ = ["DEFAULTS", "PRESETS", "main", "parse_config", "lr_at", "build_data", "build_model_from_config",
+           "evaluate_model", "load_run", "Trainer"]
+
+CHECKPOINT = "checkpoint.pt"
+
+#: Options and their defaults (``None``: decided by the preset).
+DEFAULTS: Dict[str, Any] = dict(
+    data="builtin", domains=None, image_size=None, train_per_domain=None, test_per_domain=None,
+    arch="resnet38", strategy="bn-domain", sharing="deep", width=1, widths=None, stem_width=16,
+    units_per_stage=None, augment=None, batching="round-robin", batch_size=None, steps=None, epochs=None,
+    accumulate=1, lr=0.1, warmup_lr=0.01, warmup_steps=None, final_lr=1e-4, decay=None,
+    momentum=0.9, weight_decay=1e-4, seed=0, device="auto", backend="auto", out=None, resume=None,
+    checkpoint_every=None, stop_at=None, eval_batch_size=256, progress=None, preset="fast", cache_dir=None,
+)
+
+#: ``fast`` (default): a reduced ResNet (one unit per stage, half the filters) on 32x32
+#: images without augmentation (which only slows a short run down), cosine decay, sized
+#: to finish on a 2-core CPU in under 10 minutes; ``paper``: section 4.1 (ResNet-38, 64x64,
+#: four units per stage, pad-8 crop and flip augmentation).
+PRESETS: Dict[str, Dict[str, Any]] = {
+    "fast": dict(image_size=32, widths=[16, 32, 64, 128], units_per_stage=1, batch_size=64, steps=800,
+                 warmup_steps=40, checkpoint_every=200, augment=False, decay="cosine"),
+    "paper": dict(image_size=64, widths=[32, 64, 128, 256], units_per_stage=4, batch_size=128, steps=40000,
+                  warmup_steps=500, checkpoint_every=1000, augment=True, decay="exp"),
+}
+
+
+def _int_list(s: str) -> List[int]:
+    return [int(v) for v in s.replace(",", " ").split()]
+
+
+def _str_list(s: str) -> List[str]:
+    return [v for v in s.replace(",", " ").split() if v]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m unirep.train",
+        description="Train a multi-domain network (Bilen & Vedaldi 2017, section 3.3): pure batches "
+                    "visiting the domains round-robin, SGD momentum 0.9, weight decay 1e-4, warm-up at "
+                    "lr 0.01 then 0.1 decayed to 1e-4; ends with the per-domain top-1 error table. "
+                    "With no arguments: bn-domain, deep sharing, the built-in benchmark, the 'fast' preset. "
+                    "Many processes: torchrun --nproc_per_node N -m unirep.train ...",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    S = argparse.SUPPRESS
+    g = p.add_argument_group("data")
+    g.add_argument("--data", nargs="+", default=S, metavar="PATH",
+                   help="'builtin' (default: the built-in 8-domain benchmark) or dataset folders, one "
+                        "domain each, read by unirep.data.load_dataset (format auto-detected; "
+                        "PATH:FORMAT to force one)")
+    g.add_argument("--domains", type=_str_list, default=S,
+                   help="comma-separated domain names to use, in this order (default: all)")
+    g.add_argument("--image-size", type=int, default=S, help="image side (fast: 32, paper: 64)")
+    g.add_argument("--train-per-domain", type=int, default=S,
+                   help="built-in benchmark: training images per domain (default 2000)")
+    g.add_argument("--test-per-domain", type=int, default=S,
+                   help="built-in benchmark: test images per domain (default 500)")
+    g.add_argument("--cache-dir", default=S, help="built-in benchmark cache (default: unirep.data's)")
+    g = p.add_argument_group("model")
+    g.add_argument("--arch", choices=["resnet38", "alexnet", "vggm128"], default=S, help="default resnet38")
+    g.add_argument("--strategy", default=S,
+                   help="normalization (Table 4): bn-universal, bn+, bn-domain-moments, bn-domain (default), "
+                        "in-universal, in-domain, none")
+    g.add_argument("--sharing", default=S,
+                   help="none, deep (default), full, partial-first, partial-last (Table 3)")
+    g.add_argument("--width", type=int, choices=[1, 2, 4], default=S, help="filter multiplier (default 1)")
+    g.add_argument("--widths", type=_int_list, default=S,
+                   help="resnet38 stage widths at x1, e.g. 32,64,128,256 (fast: 16,32,64,128; paper: 32,64,128,256)")
+    g.add_argument("--stem-width", type=int, default=S, help="resnet38 stem filters at x1 (default 16)")
+    g.add_argument("--units-per-stage", type=int, default=S,
+                   help="resnet38 residual units per stage (fast: 1, paper: 4 = ResNet-38)")
+    g = p.add_argument_group("training")
+    g.add_argument("--preset", choices=sorted(PRESETS), default=S,
+                   help="defaults for size and budget: fast (default; <10 min on a 2-core CPU) or paper "
+                        "(section 4.1); explicit options override it")
+    g.add_argument("--augment", dest="augment", action="store_true", default=S,
+                   help="the paper's pad-8 random crop and flip (no flip for digits/characters); on in "
+                        "the paper preset")
+    g.add_argument("--no-augment", dest="augment", action="store_false", default=S,
+                   help="no augmentation (the fast preset's default)")
+    g.add_argument("--batching", choices=["round-robin", "mixed"], default=S,
+                   help="round-robin pure batches (default, the paper) or mixed batches (every domain in "
+                        "every batch)")
+    g.add_argument("--batch-size", type=int, default=S, help="images per batch per process (fast: 64, paper: 128)")
+    g.add_argument("--steps", type=int, default=S, help="optimizer steps (fast: 800, paper: 40000)")
+    g.add_argument("--epochs", type=float, default=S,
+                   help="instead of --steps: passes over the largest domain (round-robin) or every domain (mixed)")
+    g.add_argument("--accumulate", type=int, default=S,
+                   help="sub-batches per step on one process, gradients accumulated (simulates that many "
+                        "ranks, the paper's domain-per-GPU regime); default 1")
+    g.add_argument("--lr", type=float, default=S, help="peak learning rate after warm-up (default 0.1)")
+    g.add_argument("--warmup-lr", type=float, default=S, help="warm-up learning rate (default 0.01)")
+    g.add_argument("--warmup-steps", type=int, default=S, help="warm-up steps (fast: 40, paper: 500)")
+    g.add_argument("--final-lr", type=float, default=S, help="learning rate at the last step (default 1e-4)")
+    g.add_argument("--decay", choices=["exp", "step", "cosine"], default=S,
+                   help="decay from --lr to --final-lr: exp (log-linear; paper preset), step (x0.1 at "
+                        "equal intervals) or cosine (fast preset)")
+    g.add_argument("--momentum", type=float, default=S, help="SGD momentum (default 0.9)")
+    g.add_argument("--weight-decay", type=float, default=S, help="SGD weight decay (default 1e-4)")
+    g.add_argument("--seed", type=int, default=S, help="seeds the model and the batches (default 0)")
+    g = p.add_argument_group("run")
+    g.add_argument("--device", default=S, help="auto (default: cuda if available), cpu, cuda, cuda:N")
+    g.add_argument("--backend", default=S,
+                   help="normalization kernels' backend: auto (default), reference, cpp, cuda, triton")
+    g.add_argument("--out", default=S, help="run directory (default runs/<strategy>-<sharing>-<date-time>)")
+    g.add_argument("--resume", nargs="?", const="__out__", default=S, metavar="RUN_DIR",
+                   help="continue the run in RUN_DIR (default: --out) from its checkpoint, exactly; its "
+                        "saved options apply unless given again (e.g. a larger --steps)")
+    g.add_argument("--checkpoint-every", type=int, default=S, help="steps between checkpoints (fast: 200, paper: 1000)")
+    g.add_argument("--stop-at", type=int, default=S,
+                   help="checkpoint and stop after this step, as SIGTERM would (the schedule still spans "
+                        "--steps); continue later with --resume, e.g. to fit a job time limit")
+    g.add_argument("--eval-batch-size", type=int, default=S, help="evaluation batch size (default 256)")
+    g.add_argument("--progress", dest="progress", action="store_true", default=S,
+                   help="force the tqdm progress bar (default: when stderr is a terminal)")
+    g.add_argument("--no-progress", dest="progress", action="store_false", default=S, help="no progress bar")
+    return p
+
+
+def parse_config(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
+    """Effective configuration: defaults < preset < saved run (``--resume``) < command line."""
+    given = vars(build_parser().parse_args(argv))
+    saved: Dict[str, Any] = {}
+    if "resume" in given:
+        run = given["resume"] if given["resume"] != "__out__" else given.get("out")
+        if run is None:
+            raise SystemExit("--resume needs a run directory (or --out)")
+        run = Path(run)
+        ckpt = run / CHECKPOINT if run.is_dir() else run
+        if not ckpt.exists():
+            raise SystemExit(f"--resume: no checkpoint at {ckpt}")
+        saved = dict(torch.load(ckpt, map_location="cpu", weights_only=False)["config"])
+        saved["out"] = str(ckpt.parent)
+        given["resume"] = str(ckpt)
+    preset = given.get("preset", saved.get("preset", DEFAULTS["preset"]))
+    cfg = dict(DEFAULTS)
+    cfg.update(PRESETS[preset])
+    cfg.update({k: v for k, v in saved.items() if k not in ("resume", "stop_at")})
+    cfg.update(given)
+    cfg["preset"] = preset
+    if "data" in cfg and isinstance(cfg["data"], list) and cfg["data"] == ["builtin"]:
+        cfg["data"] = "builtin"
+    if cfg["steps"] is None and cfg["epochs"] is None:
+        raise SystemExit("need --steps or --epochs")
+    if "epochs" in given and "steps" not in given:
+        cfg["steps"] = None
+    return cfg
+
+
+# ----------------------------------------------------------------------------- pieces
+
+def lr_at(step: int, cfg: Dict[str, Any], total: int) -> float:
+    """Learning rate of ``step``: ``warmup_lr`` for ``warmup_steps`` steps, then ``lr``
+    decayed to ``final_lr`` at the last step (a pure function of the step: nothing to save)."""
+    w = int(cfg["warmup_steps"])
+    if step < w:
+        return float(cfg["warmup_lr"])
+    span = max(total - 1 - w, 1)
+    t = min(max((step - w) / span, 0.0), 1.0)
+    hi, lo = float(cfg["lr"]), float(cfg["final_lr"])
+    if cfg["decay"] == "exp":
+        return hi * (lo / hi) ** t
+    if cfg["decay"] == "cosine":
+        return lo + 0.5 * (hi - lo) * (1 + math.cos(math.pi * t))
+    n = max(round(math.log10(hi / lo)), 1)  # step: x0.1 at n equal intervals, ending at final_lr
+    k = min(int(t * (n + 1)), n)
+    return hi * 0.1 ** k
+
+
+def build_data(cfg: Dict[str, Any]):
+    """The ``MultiDomainData`` of a configuration."""
+    from unirep.data import MultiDomainData, builtin_benchmark, load_dataset
+    data = cfg["data"]
+    if data in ("builtin", None):
+        kw = {}
+        if cfg.get("train_per_domain"):
+            kw["train_per_domain"] = int(cfg["train_per_domain"])
+        if cfg.get("test_per_domain"):
+            kw["test_per_domain"] = int(cfg["test_per_domain"])
+        md = builtin_benchmark(cfg.get("cache_dir"), seed=0, image_size=int(cfg["image_size"]),
+                               domains=cfg.get("domains"), progress=False, **kw)
+    else:
+        paths = [data] if isinstance(data, str) else list(data)
+        sets = []
+        for spec in paths:
+            path, fmt = spec, "auto"
+            if ":" in spec and not Path(spec).exists():
+                path, fmt = spec.rsplit(":", 1)
+            sets.append(load_dataset(path, format=fmt, image_size=int(cfg["image_size"])))
+        md = MultiDomainData(sets)
+        if cfg.get("domains"):
+            md = md.subset(cfg["domains"])
+    return md
+
+
+def build_model_from_config(cfg: Dict[str, Any], num_classes: Sequence[int]):
+    from unirep.models import build_model
+    kw: Dict[str, Any] = {}
+    if cfg["arch"] == "resnet38":
+        kw = dict(widths=tuple(cfg["widths"]), stem_width=int(cfg["stem_width"]),
+                  units_per_stage=int(cfg["units_per_stage"]))
+    else:
+        size = int(cfg["image_size"])
+        kw = dict(input_sizes=[(size, size)] * len(num_classes))
+    return build_model(cfg["arch"], num_classes=list(num_classes), strategy=cfg["strategy"],
+                       sharing=cfg["sharing"], width=int(cfg["width"]), **kw)
+
+
+def resolve_device(name: str, local_rank: int = 0) -> torch.device:
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    dev = torch.device(name)
+    if dev.type == "cuda" and dev.index is None:
+        dev = torch.device("cuda", local_rank)
+    return dev
+
+
+@torch.no_grad()
+def evaluate_model(model, data, device, batch_size: int = 256) -> Dict[str, float]:
+    """Top-1 error (%) of every domain on its test split (whitened, no augmentation: the
+    central crop), in eval mode with each domain's own moments."""
+    was = model.training
+    model.eval()
+    errors: Dict[str, float] = {}
+    for d, name in enumerate(data.names):
+        wrong = total = 0
+        for x, y, dom in data.eval_batches(d, batch_size, device=device):
+            pred = model(x, dom).argmax(1)
+            wrong += int((pred != y).sum())
+            total += int(y.numel())
+        errors[name] = 100.0 * wrong / max(total, 1)
+    model.train(was)
+    return errors
+
+
+def format_table(errors: Dict[str, float]) -> str:
+    w = max(len("domain"), max(len(n) for n in errors))
+    lines = [f"{'domain':<{w}}  top-1 error (%)", f"{'-' * w}  ---------------"]
+    lines += [f"{n:<{w}}  {e:15.2f}" for n, e in errors.items()]
+    mean = sum(errors.values()) / len(errors)
+    lines += [f"{'-' * w}  ---------------", f"{'mean':<{w}}  {mean:15.2f}"]
+    return "\n".join(lines)
+
+
+def save_atomic(obj: Any, path: Path) -> None:
+    """``torch.save`` to a temporary file in the same directory, then rename."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def _rng_state() -> Dict[str, Any]:
+    st = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        st["cuda"] = torch.cuda.get_rng_state_all()
+    return st
+
+
+def _set_rng_state(st: Dict[str, Any]) -> None:
+    torch.set_rng_state(st["torch"])
+    np.random.set_state(st["numpy"])
+    random.setstate(st["python"])
+    if "cuda" in st and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(st["cuda"])
+
+
+def load_run(run_dir, device="cpu"):
+    """``(cfg, model, data, checkpoint)`` of a run directory (model in eval mode)."""
+    run = Path(run_dir)
+    ckpt_path = run / CHECKPOINT if run.is_dir() else run
+    ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=False)
+    cfg = ckpt["config"]
+    model = build_model_from_config(cfg, ckpt["data"]["num_classes"])
+    model.load_state_dict(ckpt["model"])
+    model.to(device).eval()
+    return cfg, model, ckpt
+
+
+# ----------------------------------------------------------------------------- trainer
+
+class _Stop:
+    """SIGINT/SIGTERM set a flag; the loop checkpoints and exits after the current step."""
+
+    def __init__(self):
+        self.signum = 0
+        self._old = {}
+
+    def install(self):
+        for s in (signal.SIGINT, signal.SIGTERM):
+            try:
+                self._old[s] = signal.signal(s, self._handle)
+            except ValueError:  # not the main thread
+                pass
+
+    def _handle(self, signum, frame):
+        if self.signum:  # second signal: give up immediately
+            raise KeyboardInterrupt
+        self.signum = signum
+
+    def uninstall(self):
+        for s, h in self._old.items():
+            signal.signal(s, h)
+
+
+class Trainer:
+    def __init__(self, cfg: Dict[str, Any]):
+        self.cfg = cfg
+        self.rank, self.world, local = udist.init_distributed(
+            "cuda" if resolve_device(cfg["device"]).type == "cuda" else "cpu")
+        self.device = resolve_device(cfg["device"], local)
+        self.accumulate = int(cfg["accumulate"])
+        if self.world > 1 and self.accumulate != 1:
+            raise SystemExit("--accumulate is for a single process; with torchrun each rank is one sub-batch")
+        self.data = build_data(cfg)
+        self.D = len(self.data)
+        self.slots = self.world * self.accumulate  # sub-batches per step, globally
+        mode = "pure" if cfg["batching"] == "round-robin" else "mixed"
+        if mode == "mixed" and int(cfg["batch_size"]) < self.D:
+            raise SystemExit(f"a mixed batch of {cfg['batch_size']} cannot hold all {self.D} domains")
+        my_slots = range(self.rank, self.slots, self.world) if self.world > 1 else range(self.slots)
+        self.loaders = [self.data.loader(int(cfg["batch_size"]), mode=mode, device=self.device,
+                                         augment=bool(cfg["augment"]),
+                                         seed=int(cfg["seed"]), rank=r, world_size=self.slots)
+                        for r in my_slots]
+        if cfg["steps"] is None:
+            cfg["steps"] = int(math.ceil(float(cfg["epochs"]) * self.loaders[0].sampler.steps_per_epoch()))
+        self.total = int(cfg["steps"])
+        torch.manual_seed(int(cfg["seed"]))
+        self.model = build_model_from_config(cfg, self.data.num_classes).to(self.device)
+        self.optimizer = torch.optim.SGD(self.model.parameters(), lr=float(cfg["warmup_lr"]),
+                                         momentum=float(cfg["momentum"]),
+                                         weight_decay=float(cfg["weight_decay"]))
+        self.masked = udist.DomainMaskedStep(self.model, self.optimizer, self.D)
+        self.merger = udist.StatsMerger(self.model, self.D)
+        self.net = self.model
+        if self.world > 1:
+            from torch.nn.parallel import DistributedDataParallel as DDP
+            import inspect
+            # No buffer broadcast in forward (it would overwrite the per-domain moments of the
+            # domains rank 0 did not see): the statistics are merged after every step instead.
+            sync = ({"forward_sync_buffers": False}
+                    if "forward_sync_buffers" in inspect.signature(DDP.__init__).parameters
+                    else {"broadcast_buffers": False})
+            self.net = DDP(self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None,
+                           find_unused_parameters=udist.has_per_domain_copies(self.model), **sync)
+        self.out = Path(cfg["out"])
+        self.step = 0
+        self.elapsed = 0.0
+        if cfg.get("resume"):
+            self._load(cfg["resume"])
+
+    # -- checkpoints
+    def state(self) -> Dict[str, Any]:
+        cfg = {k: v for k, v in self.cfg.items() if k != "resume"}
+        return {"step": self.step, "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+                "rng": _rng_state(), "config": cfg, "elapsed": self.elapsed,
+                "data": {"names": self.data.names, "num_classes": self.data.num_classes,
+                         "classes": [d.classes for d in self.data], "mean": self.data.mean_table,
+                         "std": self.data.std_table, "image_size": self.data.image_size}}
+
+    def save(self) -> None:
+        if self.rank == 0:
+            save_atomic(self.state(), self.out / CHECKPOINT)
+
+    def _load(self, path) -> None:
+        ck = torch.load(path, map_location="cpu", weights_only=False)
+        self.model.load_state_dict(ck["model"])
+        self.optimizer.load_state_dict(ck["optimizer"])
+        _set_rng_state(ck["rng"])
+        self.step = int(ck["step"])
+        self.elapsed = float(ck.get("elapsed", 0.0))
+
+    # -- one step
+    def train_step(self, step: int) -> tuple[float, int]:
+        lr = lr_at(step, self.cfg, self.total)
+        for g in self.optimizer.param_groups:
+            g["lr"] = lr
+        self.optimizer.zero_grad(set_to_none=True)
+        counts_local = torch.zeros(self.D, dtype=torch.float64)
+        loss_sum = 0.0
+        n_local = 0
+        multi = len(self.loaders) > 1 and bool(self.merger)
+        start = self.merger.snapshot() if multi else None
+        results, sub_counts = [], []
+        self.merger.start_step()
+        for loader in self.loaders:
+            x, y, dom = loader.get(step)
+            if multi:
+                self.merger.restore(start)
+            from unirep.models import masked_cross_entropy
+            loss = masked_cross_entropy(self.net(x, dom), y)
+            (loss / len(self.loaders)).backward()
+            c = torch.zeros(self.D, dtype=torch.float64)
+            if isinstance(dom, int):
+                c[dom] = y.numel()
+            else:
+                c += torch.bincount(dom.cpu(), minlength=self.D).double()
+            counts_local += c
+            if multi:
+                results.append(self.merger.snapshot())
+                sub_counts.append(c)
+            loss_sum += float(loss.detach()) * y.numel()
+            n_local += y.numel()
+        if multi:
+            self.merger.merge_local(start, results, sub_counts)
+        info = torch.cat([counts_local, torch.tensor([float(self._stop.signum != 0), loss_sum, n_local],
+                                                     dtype=torch.float64)])
+        if self.world > 1:  # NCCL reduces device tensors only
+            info = udist.all_reduce_sum(info.to(self.device)).cpu()
+        counts_global = info[:self.D]
+        self.stop_requested = bool(info[self.D] > 0)
+        if self.world > 1:
+            self.merger.merge_ranks(counts_local, counts_global)
+        self.masked.step(counts_global > 0)
+        return float(info[self.D + 1] / info[self.D + 2]), int(info[self.D + 2])
+
+    # -- the loop
+    def run(self) -> Optional[Dict[str, float]]:
+        cfg = self.cfg
+        if self.rank == 0:
+            self.out.mkdir(parents=True, exist_ok=True)
+            (self.out / "config.json").write_text(json.dumps(
+                {k: v for k, v in cfg.items() if k != "resume"}, indent=2, default=str) + "\n")
+            self._open_metrics()
+        self._stop = _Stop()
+        self._stop.install()
+        self.stop_requested = False
+        show = cfg["progress"] if cfg["progress"] is not None else sys.stderr.isatty()
+        bar = None
+        if self.rank == 0 and show:
+            from tqdm import tqdm
+            bar = tqdm(total=self.total, initial=self.step, desc="train", unit="step", dynamic_ncols=True)
+        every = int(cfg["checkpoint_every"] or 0)
+        self.model.train()
+        t_last = time.perf_counter()
+        ema_ips = None
+        try:
+            while self.step < self.total:
+                t0 = time.perf_counter()
+                loss, n = self.train_step(self.step)
+                self.step += 1
+                t1 = time.perf_counter()
+                self.elapsed += t1 - t0
+                ips = n / max(t1 - t0, 1e-9)
+                ema_ips = ips if ema_ips is None else 0.9 * ema_ips + 0.1 * ips
+                if self.rank == 0:
+                    self._metrics.writerow([self.step, f"{lr_at(self.step - 1, cfg, self.total):.6g}",
+                                            f"{loss:.6f}", n, f"{ips:.1f}", f"{self.elapsed:.3f}"])
+                    if bar is not None:
+                        bar.set_postfix(loss=f"{loss:.3f}", img_s=f"{ema_ips:.0f}", refresh=False)
+                        bar.update(1)
+                    elif time.perf_counter() - t_last > 30 or self.step == self.total:
+                        t_last = time.perf_counter()
+                        eta = (self.total - self.step) * (self.elapsed / max(self.step, 1))
+                        print(f"step {self.step}/{self.total} loss {loss:.3f} {ema_ips:.0f} img/s "
+                              f"ETA {eta:.0f}s", file=sys.stderr, flush=True)
+                stop_at = self.cfg.get("stop_at")
+                if stop_at is not None and self.step >= int(stop_at) and self.step < self.total:
+                    self._metrics_file_flush()
+                    self.save()
+                    if self.rank == 0:
+                        print(f"stopped at step {self.step} (--stop-at); continue with --resume {self.out}",
+                              file=sys.stderr, flush=True)
+                    return None
+                if self.stop_requested:
+                    self._metrics_file_flush()
+                    self.save()
+                    if self.rank == 0:
+                        print(f"\nstopped by signal {self._stop.signum} at step {self.step}; checkpoint in "
+                              f"{self.out / CHECKPOINT}; continue with --resume {self.out}",
+                              file=sys.stderr, flush=True)
+                    return None
+                if every and self.step % every == 0 and self.step < self.total:
+                    self._metrics_file_flush()
+                    self.save()
+        finally:
+            if bar is not None:
+                bar.close()
+            self._stop.uninstall()
+            if self.rank == 0:
+                self._metrics_fh.close()
+        self.save()
+        errors = None
+        if self.rank == 0:
+            errors = self.finish()
+        if self.world > 1:
+            torch.distributed.barrier()
+        return errors
+
+    def finish(self) -> Dict[str, float]:
+        errors = evaluate_model(self.model, self.data, self.device, int(self.cfg["eval_batch_size"]))
+        mean = sum(errors.values()) / len(errors)
+        report = {"step": self.step, "errors": errors, "mean_error": mean, "train_seconds": self.elapsed,
+                  "config": {k: v for k, v in self.cfg.items() if k != "resume"}, "world_size": self.world}
+        (self.out / "eval.json").write_text(json.dumps(report, indent=2, default=str) + "\n")
+        try:
+            plot_run(self.out, errors)
+        except Exception as e:  # plots are a convenience: never lose a run over them
+            print(f"warning: plotting failed: {e}", file=sys.stderr)
+        print(format_table(errors))
+        return errors
+
+    # -- metrics.csv (rows of steps beyond the resumed step are dropped)
+    def _open_metrics(self) -> None:
+        path = self.out / "metrics.csv"
+        rows = []
+        if self.step > 0 and path.exists():
+            with open(path, newline="") as fh:
+                rows = [r for r in csv.reader(fh)][1:]
+            rows = [r for r in rows if r and int(r[0]) <= self.step]
+        self._metrics_fh = open(path, "w", newline="")
+        self._metrics = csv.writer(self._metrics_fh)
+        self._metrics.writerow(["step", "lr", "loss", "images", "images_per_s", "train_seconds"])
+        self._metrics.writerows(rows)
+
+    def _metrics_file_flush(self) -> None:
+        if self.rank == 0:
+            self._metrics_fh.flush()
+
+
+def plot_run(run_dir, errors: Optional[Dict[str, float]] = None) -> None:
+    """``curves.png`` (loss and learning rate per step) and ``errors.png`` (per-domain
+    top-1 error) in ``run_dir``."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    run = Path(run_dir)
+    steps, lrs, losses = [], [], []
+    with open(run / "metrics.csv", newline="") as fh:
+        for r in csv.DictReader(fh):
+            steps.append(int(r["step"]))
+            lrs.append(float(r["lr"]))
+            losses.append(float(r["loss"]))
+    fig, ax = plt.subplots(1, 2, figsize=(10, 3.5))
+    ax[0].plot(steps, losses, lw=0.5, alpha=0.4, label="per step")
+    if len(losses) >= 20:
+        k = max(len(losses) // 50, 5)
+        sm = np.convolve(losses, np.ones(k) / k, mode="valid")
+        ax[0].plot(steps[k - 1:], sm, lw=1.5, label=f"mean of {k}")
+    ax[0].set_xlabel("step"), ax[0].set_ylabel("training loss"), ax[0].legend()
+    ax[1].plot(steps, lrs)
+    ax[1].set_yscale("log"), ax[1].set_xlabel("step"), ax[1].set_ylabel("learning rate")
+    fig.tight_layout()
+    fig.savefig(run / "curves.png", dpi=100)
+    plt.close(fig)
+    if errors:
+        fig, ax = plt.subplots(figsize=(1.0 + 0.8 * len(errors), 3.5))
+        names = list(errors) + ["mean"]
+        vals = list(errors.values()) + [sum(errors.values()) / len(errors)]
+        ax.bar(names, vals, color=["C0"] * len(errors) + ["C3"])
+        ax.set_ylabel("top-1 error (%)")
+        ax.tick_params(axis="x", rotation=45)
+        for i, v in enumerate(vals):
+            ax.text(i, v, f"{v:.1f}", ha="center", va="bottom", fontsize=8)
+        fig.tight_layout()
+        fig.savefig(run / "errors.png", dpi=100)
+        plt.close(fig)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    cfg = parse_config(argv)
+    if cfg["out"] is None:
+        cfg["out"] = str(Path("runs") / f"{cfg['strategy']}-{cfg['sharing']}-{time.strftime('%Y%m%d-%H%M%S')}")
+    import unirep_kernels
+    with unirep_kernels.use_backend(cfg["backend"]):
+        trainer = Trainer(cfg)
+        if trainer.rank == 0:
+            print(f"run {trainer.out}: {len(trainer.data)} domains {trainer.data.names}, "
+                  f"{trainer.total} steps x {trainer.slots} x {cfg['batch_size']} images "
+                  f"({cfg['batching']}), device {trainer.device}", file=sys.stderr, flush=True)
+        errors = trainer.run()
+    if udist.is_distributed():
+        torch.distributed.destroy_process_group()
+    if errors is None and trainer.step < trainer.total and trainer._stop.signum:
+        return 128 + int(trainer._stop.signum)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
