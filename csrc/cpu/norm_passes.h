@@ -348,9 +348,15 @@ void run_affine(const PlaneView& v, at::Tensor& y, const int64_t* rows, const Af
     nsc_affine<scalar_t, acc_t>(v, y, rows, t, relu);
     return;
   }
-  const int64_t grain = std::max<int64_t>(1, kGrainValues / std::max<int64_t>(v.N * v.S, 1));
-  at::parallel_for(0, v.C, grain, [&](int64_t begin, int64_t end) {
-    for (int64_t c = begin; c < end; ++c) channel_affine<scalar_t, acc_t>(v, y, c, rows, t, relu);
+  // Nothing to reuse from cache here: walk the planes in memory order.
+  const scalar_t* x = v.x.data_ptr<scalar_t>();
+  scalar_t* out = y.data_ptr<scalar_t>();
+  const int64_t grain = std::max<int64_t>(1, kGrainValues / std::max<int64_t>(v.S, 1));
+  at::parallel_for(0, v.N * v.C, grain, [&](int64_t begin, int64_t end) {
+    for (int64_t p = begin; p < end; ++p) {
+      const int64_t k = rows[p / v.C] * v.C + p % v.C;
+      plane_affine<scalar_t, acc_t>(x + p * v.S, out + p * v.S, v.S, t.center[k], t.scale[k], t.beta[k], relu);
+    }
   });
 }
 
