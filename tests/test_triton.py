@@ -407,6 +407,13 @@ def test_gradcheck_batch_norm():
     assert torch.autograd.gradcheck(f, (x, w, b))
 
 
+def test_double_backward_is_refused():
+    x = make_case(n=4, c=2, spatial=(3,), num_domains=1, mixed=False, seed=6, device=DEVICE)["x"].requires_grad_()
+    y = uk.domain_batch_norm(x, 0, num_domains=1, use_batch_stats=True, backend="triton")
+    with pytest.raises(NotImplementedError, match="double backward"):
+        torch.autograd.grad(y.square().sum(), x, create_graph=True)
+
+
 def test_backend_status_and_selection():
     status, reason = uk.backends()["triton"]
     assert status, reason

@@ -23,6 +23,7 @@ import torch
 from torch import Tensor
 
 from . import reference
+from ._autograd import register_autograd
 from ._checks import check_batch_norm, check_instance_norm
 from .backends import extension_loaded, resolve_backend
 
@@ -168,51 +169,7 @@ def _register() -> None:
     def _update_fake(running_mean, running_var, mean, var, count, momentum):
         return None
 
-    def _bn_setup(ctx, inputs, output):
-        x, domain, pure_domain, weight, bias, _, _, num_domains, use_batch_stats, stats_per_domain, eps, relu = inputs
-        _, mean, var, count = output
-        ctx.mark_non_differentiable(mean, var, count)
-        ctx.save_for_backward(x, domain, weight, bias, mean, var, count)
-        ctx.options = (pure_domain, num_domains, use_batch_stats, stats_per_domain, eps, relu)
-
-    def _no_double_backward(name):
-        # The backward ops have no derivative of their own: refuse create_graph=True instead
-        # of returning silently wrong second derivatives.
-        if torch.is_grad_enabled() and not torch.compiler.is_compiling():
-            raise NotImplementedError(f"{name}: double backward (create_graph=True) is not supported; "
-                                      "use backend='reference' for higher-order gradients")
-
-    def _bn_backward(ctx, grad_y, _grad_mean, _grad_var, _grad_count):
-        _no_double_backward("domain_batch_norm")
-        x, domain, weight, bias, mean, var, count = ctx.saved_tensors
-        pure_domain, num_domains, use_batch_stats, stats_per_domain, eps, relu = ctx.options
-        grad_x, grad_w, grad_b = torch.ops.unirep.domain_batch_norm_backward(
-            grad_y, x, domain, pure_domain, weight, bias, mean, var, count, num_domains, use_batch_stats,
-            stats_per_domain, eps, relu)
-        needs = ctx.needs_input_grad
-        return (grad_x if needs[0] else None, None, None, grad_w if needs[3] else None,
-                grad_b if needs[4] else None) + (None,) * 7
-
-    torch.library.register_autograd(lib + "domain_batch_norm_forward", _bn_backward, setup_context=_bn_setup)
-
-    def _in_setup(ctx, inputs, output):
-        x, domain, pure_domain, weight, bias, num_domains, eps, relu = inputs
-        _, mean, var = output
-        ctx.mark_non_differentiable(mean, var)
-        ctx.save_for_backward(x, domain, weight, bias, mean, var)
-        ctx.options = (pure_domain, num_domains, eps, relu)
-
-    def _in_backward(ctx, grad_y, _grad_mean, _grad_var):
-        _no_double_backward("domain_instance_norm")
-        x, domain, weight, bias, mean, var = ctx.saved_tensors
-        pure_domain, num_domains, eps, relu = ctx.options
-        grad_x, grad_w, grad_b = torch.ops.unirep.domain_instance_norm_backward(
-            grad_y, x, domain, pure_domain, weight, bias, mean, var, num_domains, eps, relu)
-        needs = ctx.needs_input_grad
-        return (grad_x if needs[0] else None, None, None, grad_w if needs[3] else None,
-                grad_b if needs[4] else None) + (None,) * 3
-
-    torch.library.register_autograd(lib + "domain_instance_norm_forward", _in_backward, setup_context=_in_setup)
+    register_autograd("unirep")
 
 
 if extension_loaded():

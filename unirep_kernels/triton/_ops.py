@@ -23,6 +23,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from .._autograd import register_autograd
 from .kernels import get_kernels, interpreting
 
 NAMESPACE = "unirep_triton"
@@ -424,45 +425,7 @@ def domain_instance_norm_backward(grad_y: Tensor, x: Tensor, domain: Optional[Te
 # Autograd.
 
 
-def _bn_setup(ctx, inputs, output):
-    x, domain, pure_domain, weight, bias, _, _, num_domains, use_batch_stats, stats_per_domain, eps, relu = inputs
-    _, mean, var, count = output
-    ctx.mark_non_differentiable(mean, var, count)
-    ctx.save_for_backward(x, domain, weight, bias, mean, var, count)
-    ctx.options = (pure_domain, num_domains, use_batch_stats, stats_per_domain, eps, relu)
-
-
-def _bn_backward(ctx, grad_y, _grad_mean, _grad_var, _grad_count):
-    x, domain, weight, bias, mean, var, count = ctx.saved_tensors
-    pure_domain, num_domains, use_batch_stats, stats_per_domain, eps, relu = ctx.options
-    grad_x, grad_w, grad_b = torch.ops.unirep_triton.domain_batch_norm_backward(
-        grad_y, x, domain, pure_domain, weight, bias, mean, var, count, num_domains, use_batch_stats,
-        stats_per_domain, eps, relu)
-    needs = ctx.needs_input_grad
-    return (grad_x if needs[0] else None, None, None, grad_w if needs[3] else None,
-            grad_b if needs[4] else None) + (None,) * 7
-
-
-def _in_setup(ctx, inputs, output):
-    x, domain, pure_domain, weight, bias, num_domains, eps, relu = inputs
-    _, mean, var = output
-    ctx.mark_non_differentiable(mean, var)
-    ctx.save_for_backward(x, domain, weight, bias, mean, var)
-    ctx.options = (pure_domain, num_domains, eps, relu)
-
-
-def _in_backward(ctx, grad_y, _grad_mean, _grad_var):
-    x, domain, weight, bias, mean, var = ctx.saved_tensors
-    pure_domain, num_domains, eps, relu = ctx.options
-    grad_x, grad_w, grad_b = torch.ops.unirep_triton.domain_instance_norm_backward(
-        grad_y, x, domain, pure_domain, weight, bias, mean, var, num_domains, eps, relu)
-    needs = ctx.needs_input_grad
-    return (grad_x if needs[0] else None, None, None, grad_w if needs[3] else None,
-            grad_b if needs[4] else None) + (None,) * 3
-
-
-domain_batch_norm_forward.register_autograd(_bn_backward, setup_context=_bn_setup)
-domain_instance_norm_forward.register_autograd(_in_backward, setup_context=_in_setup)
+register_autograd("unirep_triton")  # the same formulas as the C++ ops, on this namespace
 
 
 # ---------------------------------------------------------------------------------------
