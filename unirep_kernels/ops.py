@@ -117,16 +117,6 @@ def domain_instance_norm(x: Tensor, domain: Domain, weight: Optional[Tensor] = N
 # torch.library registrations for the compiled ops (only when the extension loaded).
 
 
-def output_memory_format(x: Tensor) -> torch.memory_format:
-    """The layout the kernels give y and grad_x: x's when contiguous or channels_last."""
-    if x.dim() > 2 and not x.is_contiguous():
-        if x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last):
-            return torch.channels_last
-        if x.dim() == 5 and x.is_contiguous(memory_format=torch.channels_last_3d):
-            return torch.channels_last_3d
-    return torch.contiguous_format
-
-
 def _param_grad_like(p: Optional[Tensor], x: Tensor) -> Tensor:
     if p is not None:
         return torch.empty_like(p, memory_format=torch.contiguous_format)
@@ -144,25 +134,25 @@ def _register() -> None:
             rows = num_domains if stats_per_domain else 1
         else:
             rows = running_mean.shape[0] if running_mean.dim() == 2 else 1
-        y = torch.empty_like(x, memory_format=output_memory_format(x))
+        y = torch.empty_like(x, memory_format=reference.output_memory_format(x))
         stats = x.new_empty((rows, x.shape[1]), dtype=acc)
         return y, stats, torch.empty_like(stats), x.new_empty((num_domains,), dtype=acc)
 
     @torch.library.register_fake(lib + "domain_batch_norm_backward")
     def _bn_backward_fake(grad_y, x, domain, pure_domain, weight, bias, mean, var, count, num_domains,
                           use_batch_stats, stats_per_domain, eps, relu):
-        return (torch.empty_like(x, memory_format=output_memory_format(x)), _param_grad_like(weight, x),
+        return (torch.empty_like(x, memory_format=reference.output_memory_format(x)), _param_grad_like(weight, x),
                 _param_grad_like(bias, x))
 
     @torch.library.register_fake(lib + "domain_instance_norm_forward")
     def _in_forward_fake(x, domain, pure_domain, weight, bias, num_domains, eps, relu):
         acc = reference.accumulation_dtype(x.dtype)
         stats = x.new_empty((x.shape[0], x.shape[1]), dtype=acc)
-        return torch.empty_like(x, memory_format=output_memory_format(x)), stats, torch.empty_like(stats)
+        return torch.empty_like(x, memory_format=reference.output_memory_format(x)), stats, torch.empty_like(stats)
 
     @torch.library.register_fake(lib + "domain_instance_norm_backward")
     def _in_backward_fake(grad_y, x, domain, pure_domain, weight, bias, mean, var, num_domains, eps, relu):
-        return (torch.empty_like(x, memory_format=output_memory_format(x)), _param_grad_like(weight, x),
+        return (torch.empty_like(x, memory_format=reference.output_memory_format(x)), _param_grad_like(weight, x),
                 _param_grad_like(bias, x))
 
     @torch.library.register_fake(lib + "update_running_stats")

@@ -54,14 +54,20 @@ def _normalize(xf: Tensor, mean: Tensor, invstd: Tensor, weight: Optional[Tensor
     return torch.relu(y) if relu else y
 
 
+def output_memory_format(x: Tensor) -> torch.memory_format:
+    """The layout every backend gives y and grad_x: x's when x is channels_last (2d or 3d),
+    contiguous otherwise."""
+    if x.dim() > 2 and not x.is_contiguous():
+        if x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last):
+            return torch.channels_last
+        if x.dim() == 5 and x.is_contiguous(memory_format=torch.channels_last_3d):
+            return torch.channels_last_3d
+    return torch.contiguous_format
+
+
 def _restore(y: Tensor, x: Tensor) -> Tensor:
     """Back to x's shape, dtype and memory format."""
-    y = y.reshape(x.shape).to(x.dtype)
-    if x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
-        y = y.contiguous(memory_format=torch.channels_last)
-    elif x.dim() == 5 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last_3d):
-        y = y.contiguous(memory_format=torch.channels_last_3d)
-    return y
+    return y.reshape(x.shape).to(x.dtype).contiguous(memory_format=output_memory_format(x))
 
 
 def group_moments(x: Tensor, groups: Tensor, num_groups: int) -> Tuple[Tensor, Tensor, Tensor]:
