@@ -84,6 +84,51 @@ def clone_stats(case):
     return out
 
 
+def run_bn(case, backend, **kw):
+    """domain_batch_norm on a case from make_case."""
+    return unirep_kernels.domain_batch_norm(case["x"], case["domain"], case["weight"], case["bias"],
+                                            case["running_mean"], case["running_var"],
+                                            num_domains=case["num_domains"], backend=backend, **kw)
+
+
+def run_in(case, backend, relu=False):
+    """domain_instance_norm on a case from make_case."""
+    return unirep_kernels.domain_instance_norm(case["x"], case["domain"], case["weight"], case["bias"],
+                                               num_domains=case["num_domains"], relu=relu, backend=backend)
+
+
+def compare_bn(case, backend, atol, rtol, **kw):
+    """y and the updated running stats of ``backend`` against the reference; returns y."""
+    mine, ref = clone_stats(case), clone_stats(case)
+    y = run_bn(mine, backend, **kw)
+    y_ref = run_bn(ref, "reference", **kw)
+    assert y.dtype == case["x"].dtype and y.shape == case["x"].shape
+    torch.testing.assert_close(y, y_ref, atol=atol, rtol=rtol)
+    if case["running_mean"] is not None:
+        torch.testing.assert_close(mine["running_mean"], ref["running_mean"], atol=atol, rtol=rtol)
+        torch.testing.assert_close(mine["running_var"], ref["running_var"], atol=atol, rtol=rtol)
+        if kw.get("use_batch_stats"):
+            # The update really happened (the check above cannot pass by both doing nothing).
+            assert not torch.equal(mine["running_mean"], case["running_mean"])
+    return y
+
+
+def output_and_grads(run, case, backend, seed, **kw):
+    """(y, grad x, grad weight, grad bias) of ``run`` (run_bn / run_in) for a random cotangent
+    drawn from ``seed``; gradients only for the parameters the case has. The case's running
+    stats are not touched."""
+    c = clone_stats(case)
+    inputs = [c["x"].detach().clone().requires_grad_()]
+    c["x"] = inputs[0]
+    for key in ("weight", "bias"):
+        if c[key] is not None:
+            c[key] = c[key].detach().clone().requires_grad_()
+            inputs.append(c[key])
+    y = run(c, backend, **kw)
+    g = torch.randn(y.shape, dtype=y.dtype, generator=torch.Generator().manual_seed(seed)).to(y.device)
+    return (y,) + torch.autograd.grad(y, inputs, g)
+
+
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(1234)

@@ -8,7 +8,8 @@ import pytest
 import torch
 
 import unirep_kernels as uk
-from conftest import COMPILED_BACKENDS, cast_params, clone_stats, devices_for, make_case
+from conftest import (COMPILED_BACKENDS, cast_params, clone_stats, compare_bn, devices_for, make_case,
+                      output_and_grads, run_bn)
 
 SHAPES = [  # (N, C, spatial): 1x1, odd sizes, 1d, 3d and no spatial dims
     (6, 5, (4, 3)), (9, 3, (1, 1)), (7, 4, (5,)), (4, 6, (3, 5)), (16, 8, (7, 7)), (12, 3, ()), (4, 3, (2, 3, 2)),
@@ -25,26 +26,6 @@ def _case(shape, num_domains, batch, weight, bias, stats, seed, **kw):
                      weight=weight, bias=bias, stats=stats, seed=seed, **kw)
 
 
-def _run(case, backend, **kw):
-    return uk.domain_batch_norm(case["x"], case["domain"], case["weight"], case["bias"], case["running_mean"],
-                                case["running_var"], num_domains=case["num_domains"], backend=backend, **kw)
-
-
-def _compare(case, backend, atol, rtol, **kw):
-    mine, ref = clone_stats(case), clone_stats(case)
-    y = _run(mine, backend, **kw)
-    y_ref = _run(ref, "reference", **kw)
-    assert y.dtype == case["x"].dtype and y.shape == case["x"].shape
-    torch.testing.assert_close(y, y_ref, atol=atol, rtol=rtol)
-    if case["running_mean"] is not None:
-        torch.testing.assert_close(mine["running_mean"], ref["running_mean"], atol=atol, rtol=rtol)
-        torch.testing.assert_close(mine["running_var"], ref["running_var"], atol=atol, rtol=rtol)
-        if kw.get("use_batch_stats"):
-            # The update really happened (the check above cannot pass by both doing nothing).
-            assert not torch.equal(mine["running_mean"], case["running_mean"])
-    return y
-
-
 @pytest.mark.parametrize("backend", COMPILED_BACKENDS)
 @pytest.mark.parametrize("num_domains", [1, 3, 10])
 @pytest.mark.parametrize("batch", BATCHES)
@@ -55,7 +36,7 @@ def test_forward_matches_reference_float64(backend, shape, num_domains, batch):
         if not use_batch_stats and stats is None:
             continue
         case = _case(shape, num_domains, batch, weight, bias, stats, seed, device=devices_for(backend)[0])
-        _compare(case, backend, atol=1e-10, rtol=1e-10, use_batch_stats=use_batch_stats,
+        compare_bn(case, backend, atol=1e-10, rtol=1e-10, use_batch_stats=use_batch_stats,
                  stats_per_domain=per_domain, relu=relu, momentum=0.3)
 
 
@@ -66,7 +47,7 @@ def test_channels_last_keeps_layout_and_values(backend, shape, use_batch_stats):
     for seed, (weight, bias) in enumerate(AFFINES):
         case = _case(shape, 3, "mixed", weight, bias, "domain", seed, channels_last=True,
                      device=devices_for(backend)[0])
-        y = _compare(case, backend, atol=1e-10, rtol=1e-10, use_batch_stats=use_batch_stats, relu=True)
+        y = compare_bn(case, backend, atol=1e-10, rtol=1e-10, use_batch_stats=use_batch_stats, relu=True)
         fmt = torch.channels_last if len(shape[2]) == 2 else torch.channels_last_3d
         if shape[2] != (1, 1):
             assert y.is_contiguous(memory_format=fmt) and not y.is_contiguous()
@@ -79,8 +60,8 @@ def test_non_dense_input(backend):
     case["x"] = case["x"][:, ::2, :, 1:]
     case["weight"], case["bias"] = case["weight"][:, ::2], case["bias"][:, ::2]
     case["running_mean"], case["running_var"] = case["running_mean"][:, ::2], case["running_var"][:, ::2]
-    _compare(case, backend, atol=1e-10, rtol=1e-10, use_batch_stats=False)
-    _compare(case, backend, atol=1e-10, rtol=1e-10, use_batch_stats=True)
+    compare_bn(case, backend, atol=1e-10, rtol=1e-10, use_batch_stats=False)
+    compare_bn(case, backend, atol=1e-10, rtol=1e-10, use_batch_stats=True)
 
 
 @pytest.mark.parametrize("backend", COMPILED_BACKENDS)
@@ -94,8 +75,8 @@ def test_float32_matches_float64_reference(backend, batch, channels_last):
         case32 = clone_stats(cast_params(dict(case, x=case["x"].float()), torch.float32))
         ref = clone_stats(case)
         kw = dict(use_batch_stats=use_batch_stats, stats_per_domain=per_domain, relu=True)
-        y = _run(case32, backend, **kw)
-        y_ref = _run(ref, "reference", **kw)
+        y = run_bn(case32, backend, **kw)
+        y_ref = run_bn(ref, "reference", **kw)
         assert y.dtype == torch.float32
         torch.testing.assert_close(y.double(), y_ref, atol=2e-5, rtol=2e-5)
         torch.testing.assert_close(case32["running_var"].double(), ref["running_var"], atol=1e-5, rtol=1e-5)
@@ -116,9 +97,9 @@ def test_half_precision_criterion(backend, dtype, channels_last, use_batch_stats
     low = cast_params(dict(case, x=case["x"].to(dtype)), torch.float32)
     ref64 = clone_stats(dict(case, x=low["x"].double()))  # same (rounded) input, exact arithmetic
     kw = dict(use_batch_stats=use_batch_stats, relu=True)
-    y = _run(clone_stats(low), backend, **kw)
-    y_torch = _run(clone_stats(low), "reference", **kw)
-    y_ref = _run(ref64, "reference", **kw)
+    y = run_bn(clone_stats(low), backend, **kw)
+    y_torch = run_bn(clone_stats(low), "reference", **kw)
+    y_ref = run_bn(ref64, "reference", **kw)
     assert y.dtype == dtype
     if channels_last:
         assert y.is_contiguous(memory_format=torch.channels_last)
@@ -137,8 +118,8 @@ def test_large_offset_is_stable(backend, channels_last, batch):
                  channels_last=channels_last, device=devices_for(backend)[0])
     case32 = clone_stats(cast_params(dict(case, x=case["x"].float()), torch.float32))
     ref = clone_stats(dict(case, x=case32["x"].double()))
-    y = _run(case32, backend, use_batch_stats=True, momentum=1.0)
-    y_ref = _run(ref, "reference", use_batch_stats=True, momentum=1.0)
+    y = run_bn(case32, backend, use_batch_stats=True, momentum=1.0)
+    y_ref = run_bn(ref, "reference", use_batch_stats=True, momentum=1.0)
     # 1e4 in float32 has a spacing of ~1e-3: that bounds any float32 result.
     torch.testing.assert_close(y.double(), y_ref, atol=3e-3, rtol=0)
     torch.testing.assert_close(case32["running_var"].double(), ref["running_var"], atol=0, rtol=1e-4)
@@ -158,18 +139,8 @@ def test_backward_matches_reference(backend, batch, channels_last):
     for seed, ((weight, bias), stats, use_batch_stats, per_domain, relu) in enumerate(combos):
         case = _case((10, 4, (3, 5)), 4, batch, weight, bias, stats, seed, channels_last=channels_last,
                      device=devices_for(backend)[0])
-        grads = []
-        for name in (backend, "reference"):
-            c = clone_stats(case)
-            inputs = [c["x"].detach().clone().requires_grad_()]
-            for key in ("weight", "bias"):
-                if c[key] is not None:
-                    c[key] = c[key].detach().clone().requires_grad_()
-                    inputs.append(c[key])
-            c["x"] = inputs[0]
-            y = _run(c, name, use_batch_stats=use_batch_stats, stats_per_domain=per_domain, relu=relu)
-            g = torch.randn(y.shape, dtype=y.dtype, generator=torch.Generator().manual_seed(seed)).to(y.device)
-            grads.append(torch.autograd.grad(y, inputs, g))
+        grads = [output_and_grads(run_bn, case, name, seed, use_batch_stats=use_batch_stats,
+                                  stats_per_domain=per_domain, relu=relu)[1:] for name in (backend, "reference")]
         for mine, ref in zip(*grads):
             assert mine.shape == ref.shape
             torch.testing.assert_close(mine, ref, atol=1e-9, rtol=1e-9)
@@ -211,7 +182,7 @@ def test_results_do_not_depend_on_thread_count(backend):
         torch.set_num_threads(n)
         try:
             c = clone_stats(cast_params(case, torch.float32))
-            y = _run(dict(c, x=x), backend, use_batch_stats=True)
+            y = run_bn(dict(c, x=x), backend, use_batch_stats=True)
             (gx,) = torch.autograd.grad(y, x, torch.ones_like(y) + x.detach())
             outs.append((y.detach(), gx, c["running_var"]))
         finally:
@@ -227,8 +198,8 @@ def test_nan_propagates_through_fused_relu(backend, use_batch_stats):
     case = _case((6, 4, (3, 3)), 3, "mixed", "domain", "domain", "domain", 2, device=devices_for(backend)[0])
     case["x"][1, 2, 1, 1] = float("nan")
     kw = dict(use_batch_stats=use_batch_stats, relu=True)
-    y = _run(clone_stats(case), backend, **kw)
-    y_ref = _run(clone_stats(case), "reference", **kw)
+    y = run_bn(clone_stats(case), backend, **kw)
+    y_ref = run_bn(clone_stats(case), "reference", **kw)
     assert torch.equal(torch.isnan(y), torch.isnan(y_ref)) and torch.isnan(y).any()
     z = uk.domain_instance_norm(case["x"], case["domain"], None, None, num_domains=3, relu=True, backend=backend)
     assert torch.isnan(z[1, 2]).all()
@@ -239,5 +210,5 @@ def test_non_contiguous_running_stats(backend):
     case = _case((6, 4, (3, 3)), 3, "mixed", "domain", "domain", "domain", 4, device=devices_for(backend)[0])
     case["running_mean"] = case["running_mean"].t().contiguous().t()  # same values, transposed strides
     case["running_var"] = case["running_var"].t().contiguous().t()
-    _compare(case, backend, atol=1e-10, rtol=1e-10, use_batch_stats=False)
-    _compare(case, backend, atol=1e-10, rtol=1e-10, use_batch_stats=True)
+    compare_bn(case, backend, atol=1e-10, rtol=1e-10, use_batch_stats=False)
+    compare_bn(case, backend, atol=1e-10, rtol=1e-10, use_batch_stats=True)

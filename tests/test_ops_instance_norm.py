@@ -7,16 +7,10 @@ import itertools
 import pytest
 import torch
 
-import unirep_kernels as uk
-from conftest import COMPILED_BACKENDS, cast_params, devices_for, make_case
+from conftest import COMPILED_BACKENDS, cast_params, devices_for, make_case, output_and_grads, run_in
 
 SHAPES = [(6, 5, (4, 3)), (5, 3, (1, 2)), (7, 4, (5,)), (3, 6, (9, 7)), (4, 3, (2, 3, 2))]
 AFFINES = [("domain", "domain"), ("universal", "universal"), ("universal", "domain"), (None, None)]
-
-
-def _run(case, backend, relu=False):
-    return uk.domain_instance_norm(case["x"], case["domain"], case["weight"], case["bias"],
-                                   num_domains=case["num_domains"], relu=relu, backend=backend)
 
 
 def _case(shape, num_domains, batch, weight, bias, seed, **kw):
@@ -37,15 +31,7 @@ def test_forward_and_backward_match_reference_float64(backend, shape, num_domain
             continue
         case = _case(shape, num_domains, batch, weight, bias, seed, channels_last=channels_last,
                      device=devices_for(backend)[0])
-        results = []
-        for name in (backend, "reference"):
-            x = case["x"].detach().clone().requires_grad_()
-            params = [case[k].detach().clone().requires_grad_() if case[k] is not None else None
-                      for k in ("weight", "bias")]
-            y = _run(dict(case, x=x, weight=params[0], bias=params[1]), name, relu)
-            inputs = [x] + [p for p in params if p is not None]
-            g = torch.randn(y.shape, dtype=y.dtype, generator=torch.Generator().manual_seed(seed)).to(y.device)
-            results.append((y,) + torch.autograd.grad(y, inputs, g))
+        results = [output_and_grads(run_in, case, name, seed, relu=relu) for name in (backend, "reference")]
         for mine, ref in zip(*results):
             torch.testing.assert_close(mine, ref, atol=1e-10, rtol=1e-10)
         if channels_last:
@@ -59,9 +45,9 @@ def test_low_precision(backend, dtype, channels_last):
     case = _case((6, 5, (10, 10)), 3, "mixed", "domain", "domain", 3, channels_last=channels_last,
                  device=devices_for(backend)[0])
     low = cast_params(dict(case, x=case["x"].to(dtype)), torch.float32)
-    y = _run(low, backend, relu=True)
-    y_torch = _run(low, "reference", relu=True)
-    y_ref = _run(dict(case, x=low["x"].double()), "reference", relu=True)
+    y = run_in(low, backend, relu=True)
+    y_torch = run_in(low, "reference", relu=True)
+    y_ref = run_in(dict(case, x=low["x"].double()), "reference", relu=True)
     assert y.dtype == dtype
     if dtype == torch.float32:  # not rounding-dominated: an ordinary float32 tolerance
         torch.testing.assert_close(y.double(), y_ref, atol=1e-5, rtol=1e-5)
@@ -76,6 +62,6 @@ def test_low_precision(backend, dtype, channels_last):
 def test_large_offset(backend):
     case = _case((4, 3, (32, 32)), 2, "mixed", "domain", "domain", 1, offset=1e4, device=devices_for(backend)[0])
     low = cast_params(dict(case, x=case["x"].float()), torch.float32)
-    y = _run(low, backend)
-    y_ref = _run(dict(case, x=low["x"].double()), "reference")
+    y = run_in(low, backend)
+    y_ref = run_in(dict(case, x=low["x"].double()), "reference")
     torch.testing.assert_close(y.double(), y_ref, atol=3e-3, rtol=0)

@@ -19,7 +19,8 @@ import torch
 pytest.importorskip("triton")
 
 import unirep_kernels as uk  # noqa: E402
-from conftest import HAS_CUDA, cast_params, clone_stats, make_case  # noqa: E402
+from conftest import (HAS_CUDA, cast_params, clone_stats, compare_bn, make_case, output_and_grads,  # noqa: E402
+                      run_bn, run_in)
 
 backends_mod = __import__("unirep_kernels.backends", fromlist=["resolve_backend"])
 
@@ -71,30 +72,6 @@ def _bn_case(shape, num_domains, batch, weight, bias, stats, seed, **kw):
                      weight=weight, bias=bias, stats=stats, seed=seed, device=DEVICE, **kw)
 
 
-def _bn(case, backend, **kw):
-    return uk.domain_batch_norm(case["x"], case["domain"], case["weight"], case["bias"], case["running_mean"],
-                                case["running_var"], num_domains=case["num_domains"], backend=backend, **kw)
-
-
-def _in(case, backend, relu=False):
-    return uk.domain_instance_norm(case["x"], case["domain"], case["weight"], case["bias"],
-                                   num_domains=case["num_domains"], relu=relu, backend=backend)
-
-
-def _bn_compare(case, atol, rtol, **kw):
-    mine, ref = clone_stats(case), clone_stats(case)
-    y = _bn(mine, "triton", **kw)
-    y_ref = _bn(ref, "reference", **kw)
-    assert y.dtype == case["x"].dtype and y.shape == case["x"].shape
-    torch.testing.assert_close(y, y_ref, atol=atol, rtol=rtol)
-    if case["running_mean"] is not None:
-        torch.testing.assert_close(mine["running_mean"], ref["running_mean"], atol=atol, rtol=rtol)
-        torch.testing.assert_close(mine["running_var"], ref["running_var"], atol=atol, rtol=rtol)
-        if kw.get("use_batch_stats"):
-            assert not torch.equal(mine["running_mean"], case["running_mean"])
-    return y
-
-
 # ---------------------------------------------------------------------------------------
 # Batch norm (BN, BN+: use_batch_stats at eval is the same call).
 
@@ -114,7 +91,7 @@ def test_bn_forward_matches_reference_float64(path, shape, num_domains, batch):
             stats = "domain"
         channels_last = len(shape[2]) >= 2 and seed % 2 == 1
         case = _bn_case(shape, num_domains, batch, weight, bias, stats, seed, channels_last=channels_last)
-        y = _bn_compare(case, atol=1e-10, rtol=1e-10, use_batch_stats=use_batch_stats, stats_per_domain=per_domain,
+        y = compare_bn(case, "triton", atol=1e-10, rtol=1e-10, use_batch_stats=use_batch_stats, stats_per_domain=per_domain,
                         relu=relu, momentum=0.3)
         if channels_last and shape[2] != (1, 1):
             assert y.stride() == case["x"].stride()
@@ -125,8 +102,8 @@ def test_bn_non_dense_input(path):
     case["x"] = case["x"][:, ::2, :, 1:]
     for key in ("weight", "bias", "running_mean", "running_var"):
         case[key] = case[key][:, ::2]
-    _bn_compare(case, atol=1e-10, rtol=1e-10, use_batch_stats=False)
-    _bn_compare(case, atol=1e-10, rtol=1e-10, use_batch_stats=True)
+    compare_bn(case, "triton", atol=1e-10, rtol=1e-10, use_batch_stats=False)
+    compare_bn(case, "triton", atol=1e-10, rtol=1e-10, use_batch_stats=True)
 
 
 @pytest.mark.parametrize("batch", BATCHES)
@@ -137,18 +114,8 @@ def test_bn_backward_matches_reference_float64(path, batch, channels_last):
         weight, bias = AFFINES[seed % len(AFFINES)]
         stats = ["domain", "universal"][seed % 2]
         case = _bn_case((6, 3, (3, 4)), 4, batch, weight, bias, stats, seed, channels_last=channels_last)
-        grads = []
-        for name in ("triton", "reference"):
-            c = clone_stats(case)
-            inputs = [c["x"].detach().clone().requires_grad_()]
-            for key in ("weight", "bias"):
-                if c[key] is not None:
-                    c[key] = c[key].detach().clone().requires_grad_()
-                    inputs.append(c[key])
-            c["x"] = inputs[0]
-            y = _bn(c, name, use_batch_stats=use_batch_stats, stats_per_domain=per_domain, relu=relu)
-            g = torch.randn(y.shape, dtype=y.dtype, generator=torch.Generator().manual_seed(seed)).to(y.device)
-            grads.append(torch.autograd.grad(y, inputs, g))
+        grads = [output_and_grads(run_bn, case, name, seed, use_batch_stats=use_batch_stats,
+                                  stats_per_domain=per_domain, relu=relu)[1:] for name in ("triton", "reference")]
         for mine, ref in zip(*grads):
             assert mine.shape == ref.shape and mine.dtype == ref.dtype
             torch.testing.assert_close(mine, ref, atol=1e-9, rtol=1e-9)
@@ -168,8 +135,8 @@ def test_bn_float32_matches_float64_reference(path, batch, channels_last):
         case32 = clone_stats(cast_params(dict(case, x=case["x"].float()), torch.float32))
         ref = clone_stats(case)
         kw = dict(use_batch_stats=use_batch_stats, stats_per_domain=per_domain, relu=True)
-        y = _bn(case32, "triton", **kw)
-        y_ref = _bn(ref, "reference", **kw)
+        y = run_bn(case32, "triton", **kw)
+        y_ref = run_bn(ref, "reference", **kw)
         assert y.dtype == torch.float32
         torch.testing.assert_close(y.double(), y_ref, atol=2e-5, rtol=2e-5)
         torch.testing.assert_close(case32["running_var"].double(), ref["running_var"], atol=1e-5, rtol=1e-5)
@@ -191,9 +158,9 @@ def test_bn_half_precision_criterion(path, dtype, channels_last, use_batch_stats
     low = cast_params(dict(case, x=case["x"].to(dtype)), torch.float32)
     ref64 = clone_stats(dict(case, x=low["x"].double()))
     kw = dict(use_batch_stats=use_batch_stats, relu=True)
-    y = _bn(clone_stats(low), "triton", **kw)
-    y_torch = _bn(clone_stats(low), "reference", **kw)
-    y_ref = _bn(ref64, "reference", **kw)
+    y = run_bn(clone_stats(low), "triton", **kw)
+    y_torch = run_bn(clone_stats(low), "reference", **kw)
+    y_ref = run_bn(ref64, "reference", **kw)
     assert y.dtype == dtype
     if channels_last:
         assert y.is_contiguous(memory_format=torch.channels_last)
@@ -208,8 +175,8 @@ def test_bn_large_offset_is_stable(path, channels_last, batch):
                     channels_last=channels_last)
     case32 = clone_stats(cast_params(dict(case, x=case["x"].float()), torch.float32))
     ref = clone_stats(dict(case, x=case32["x"].double()))
-    y = _bn(case32, "triton", use_batch_stats=True, momentum=1.0)
-    y_ref = _bn(ref, "reference", use_batch_stats=True, momentum=1.0)
+    y = run_bn(case32, "triton", use_batch_stats=True, momentum=1.0)
+    y_ref = run_bn(ref, "reference", use_batch_stats=True, momentum=1.0)
     torch.testing.assert_close(y.double(), y_ref, atol=3e-3, rtol=0)
     torch.testing.assert_close(case32["running_var"].double(), ref["running_var"], atol=0, rtol=1e-4)
     torch.testing.assert_close(case32["running_mean"].double(), ref["running_mean"], atol=2e-3, rtol=0)
@@ -245,7 +212,7 @@ def test_bn_results_are_reproducible(path):
     outs = []
     for _ in range(2):
         c = clone_stats(cast_params(case, torch.float32))
-        y = _bn(dict(c, x=x), "triton", use_batch_stats=True)
+        y = run_bn(dict(c, x=x), "triton", use_batch_stats=True)
         (gx,) = torch.autograd.grad(y, x, torch.ones_like(y) + x.detach())
         outs.append((y.detach(), gx, c["running_var"]))
     for a, b in zip(*outs):
@@ -268,15 +235,7 @@ def test_in_forward_and_backward_match_reference_float64(in_path, shape, num_dom
         case = make_case(n=n, c=c, spatial=spatial, num_domains=num_domains, mixed=batch != "pure",
                          absent=1 if batch == "mixed-absent" and num_domains > 1 else None, weight=weight, bias=bias,
                          stats=None, seed=seed, channels_last=channels_last, device=DEVICE)
-        results = []
-        for name in ("triton", "reference"):
-            x = case["x"].detach().clone().requires_grad_()
-            params = [case[k].detach().clone().requires_grad_() if case[k] is not None else None
-                      for k in ("weight", "bias")]
-            y = _in(dict(case, x=x, weight=params[0], bias=params[1]), name, relu)
-            inputs = [x] + [p for p in params if p is not None]
-            g = torch.randn(y.shape, dtype=y.dtype, generator=torch.Generator().manual_seed(seed)).to(y.device)
-            results.append((y,) + torch.autograd.grad(y, inputs, g))
+        results = [output_and_grads(run_in, case, name, seed, relu=relu) for name in ("triton", "reference")]
         for mine, ref in zip(*results):
             torch.testing.assert_close(mine, ref, atol=1e-10, rtol=1e-10)
         if channels_last:
@@ -289,9 +248,9 @@ def test_in_low_precision(in_path, dtype, channels_last):
     case = make_case(n=4, c=3, spatial=(6, 6), num_domains=3, weight="domain", bias="domain", stats=None, seed=3,
                      channels_last=channels_last, device=DEVICE)
     low = cast_params(dict(case, x=case["x"].to(dtype)), torch.float32)
-    y = _in(low, "triton", relu=True)
-    y_torch = _in(low, "reference", relu=True)
-    y_ref = _in(dict(case, x=low["x"].double()), "reference", relu=True)
+    y = run_in(low, "triton", relu=True)
+    y_torch = run_in(low, "reference", relu=True)
+    y_ref = run_in(dict(case, x=low["x"].double()), "reference", relu=True)
     assert y.dtype == dtype
     if dtype == torch.float32:
         torch.testing.assert_close(y.double(), y_ref, atol=1e-5, rtol=1e-5)
@@ -299,7 +258,7 @@ def test_in_low_precision(in_path, dtype, channels_last):
         _half_criterion(y, y_torch, y_ref, dtype)
     x = low["x"].detach().clone().requires_grad_()
     w = low["weight"].detach().clone().requires_grad_()
-    gx, gw = torch.autograd.grad(_in(dict(low, x=x, weight=w), "triton", relu=True).float().sum(), (x, w))
+    gx, gw = torch.autograd.grad(run_in(dict(low, x=x, weight=w), "triton", relu=True).float().sum(), (x, w))
     assert gx.dtype == dtype and gw.dtype == torch.float32 and torch.isfinite(gx.float()).all()
 
 
@@ -307,8 +266,8 @@ def test_in_large_offset(in_path):
     case = make_case(n=4, c=2, spatial=(16, 16), num_domains=2, weight="domain", bias="domain", stats=None,
                      offset=1e4, seed=1, device=DEVICE)
     low = cast_params(dict(case, x=case["x"].float()), torch.float32)
-    y = _in(low, "triton")
-    y_ref = _in(dict(case, x=low["x"].double()), "reference")
+    y = run_in(low, "triton")
+    y_ref = run_in(dict(case, x=low["x"].double()), "reference")
     torch.testing.assert_close(y.double(), y_ref, atol=3e-3, rtol=0)
 
 
@@ -361,13 +320,13 @@ def test_split_path_bn(monkeypatch, channels_last, batch):
                                                                 (False, True, True)]):
         weight, bias = AFFINES[seed]
         case = _bn_case((4, 3, (5, 4)), 3, batch, weight, bias, "domain", seed, channels_last=channels_last)
-        _bn_compare(case, atol=1e-10, rtol=1e-10, use_batch_stats=use_batch_stats, stats_per_domain=per_domain,
+        compare_bn(case, "triton", atol=1e-10, rtol=1e-10, use_batch_stats=use_batch_stats, stats_per_domain=per_domain,
                     relu=relu, momentum=0.3)
         grads = []
         for name in ("triton", "reference"):
             c = clone_stats(case)
             x = c["x"].detach().clone().requires_grad_()
-            y = _bn(dict(c, x=x), name, use_batch_stats=use_batch_stats, stats_per_domain=per_domain, relu=relu)
+            y = run_bn(dict(c, x=x), name, use_batch_stats=use_batch_stats, stats_per_domain=per_domain, relu=relu)
             grads.append(torch.autograd.grad(y, x, torch.sin(torch.arange(y.numel(), dtype=y.dtype)).view_as(y)
                                              .to(y.device))[0])
         torch.testing.assert_close(grads[0], grads[1], atol=1e-9, rtol=1e-9)
@@ -375,8 +334,8 @@ def test_split_path_bn(monkeypatch, channels_last, batch):
     case = _bn_case((4, 2, (6, 5)), 2, batch, "domain", "domain", "domain", 9, offset=1e4, channels_last=channels_last)
     case32 = clone_stats(cast_params(dict(case, x=case["x"].float()), torch.float32))
     ref = clone_stats(dict(case, x=case32["x"].double()))
-    y = _bn(case32, "triton", use_batch_stats=True, momentum=1.0)
-    y_ref = _bn(ref, "reference", use_batch_stats=True, momentum=1.0)
+    y = run_bn(case32, "triton", use_batch_stats=True, momentum=1.0)
+    y_ref = run_bn(ref, "reference", use_batch_stats=True, momentum=1.0)
     torch.testing.assert_close(y.double(), y_ref, atol=3e-3, rtol=0)
     torch.testing.assert_close(case32["running_var"].double(), ref["running_var"], atol=0, rtol=1e-4)
 
@@ -390,7 +349,7 @@ def test_split_path_in(monkeypatch, channels_last):
     for name in ("triton", "reference"):
         x = case["x"].detach().clone().requires_grad_()
         w = case["weight"].detach().clone().requires_grad_()
-        y = _in(dict(case, x=x, weight=w), name, relu=True)
+        y = run_in(dict(case, x=x, weight=w), name, relu=True)
         results.append((y,) + torch.autograd.grad(y, (x, w), torch.cos(y.detach())))
     for mine, ref in zip(*results):
         torch.testing.assert_close(mine, ref, atol=1e-10, rtol=1e-10)
