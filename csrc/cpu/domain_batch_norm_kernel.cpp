@@ -28,10 +28,10 @@ void fill_tables(AffineTables<acc_t>& t, int64_t c, int64_t D, int64_t C, const 
 }
 
 // Values per channel that each domain contributes to the batch.
-at::Tensor domain_counts(const std::vector<int64_t>& rows, int64_t D, int64_t S, at::ScalarType acc) {
+std::vector<double> domain_counts(const std::vector<int64_t>& rows, int64_t D, int64_t S) {
   std::vector<double> count(D, 0.0);
   for (int64_t r : rows) count[r] += static_cast<double>(S);
-  return at::tensor(count, at::TensorOptions().dtype(at::kDouble)).to(acc);
+  return count;
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward(
@@ -44,7 +44,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward(
   const int64_t N = v.N, C = v.C, S = v.S, D = num_domains;
   const at::ScalarType acc = at::toOpMathType(v.x.scalar_type());
   const std::vector<int64_t> rows = sample_domains(domain, pure_domain, N, D, kForward);
-  at::Tensor count = domain_counts(rows, D, S, acc);
+  const std::vector<double> per_domain = domain_counts(rows, D, S);
+  at::Tensor count = at::tensor(per_domain, at::TensorOptions().dtype(at::kDouble)).to(acc);
   at::Tensor y = at::empty_like(v.x);
   at::Tensor mean, var;
 
@@ -55,10 +56,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward(
     AffineTables<acc_t> tables(D, C);
     if (use_batch_stats) {
       const int64_t G = stats_per_domain ? D : 1;
-      std::vector<acc_t> group_n(G, 0);
-      for (int64_t n = 0; n < N; ++n) group_n[stats_per_domain ? rows[n] : 0] += static_cast<acc_t>(S);
+      const double batch_n = static_cast<double>(N * S);
       for (int64_t g = 0; g < G; ++g) {
-        TORCH_CHECK_VALUE(group_n[g] != 1, kForward, ": expected more than 1 value per channel in stat group ",
+        TORCH_CHECK_VALUE((stats_per_domain ? per_domain[g] : batch_n) != 1, kForward, ": expected more than 1 value per channel in stat group ",
                           stats_per_domain ? "(domain) " : "(batch) ", g,
                           " when using batch statistics (training), got input of size ", x_in.sizes());
       }
