@@ -38,7 +38,7 @@ def extensions():
         macros.append(("UNIREP_WITH_CUDA", None))
         return [cpp_extension.CUDAExtension(
             "unirep_kernels._C", sources + cuda_sources, define_macros=macros,
-            extra_compile_args={"cxx": cxx, "nvcc": ["-O3", "-std=c++20"]},
+            extra_compile_args={"cxx": cxx, "nvcc": ["-O3", "-std=c++20", "-lineinfo"]},  # lineinfo: compute-sanitizer
             extra_link_args=["-fopenmp"])]
     return [cpp_extension.CppExtension(
         "unirep_kernels._C", sources, define_macros=macros,

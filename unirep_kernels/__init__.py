@@ -3,17 +3,19 @@
 Functional ops (the contract of DESIGN.md): :func:`domain_batch_norm`,
 :func:`domain_instance_norm`. Layers: :class:`DomainBatchNorm2d`,
 :class:`DomainInstanceNorm2d`, :class:`DomainScale2d`, :func:`convert_domain_norm`, and the
-:func:`domain` context. Backends: :func:`backends`, :func:`use_backend`.
+:func:`domain` context. Backends: :func:`backends`, :func:`use_backend`; where the CUDA
+backend checks domain indices: :func:`set_domain_check`.
 """
 
 from . import reference
+from ._checks import set_domain_check
 from .backends import backends, use_backend
 from .nn import (DomainBatchNorm2d, DomainInstanceNorm2d, DomainScale2d, convert_domain_norm, current_domain,
                  domain)
 from .ops import domain_batch_norm, domain_instance_norm
 
 __all__ = [
-    "backends", "use_backend", "domain", "current_domain", "domain_batch_norm", "domain_instance_norm",
+    "backends", "use_backend", "set_domain_check", "domain", "current_domain", "domain_batch_norm", "domain_instance_norm",
     "DomainBatchNorm2d", "DomainInstanceNorm2d", "DomainScale2d", "convert_domain_norm", "reference",
 ]
 __version__ = "0.1.0"

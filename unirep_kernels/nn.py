@@ -14,6 +14,7 @@ from typing import Iterator, List, Optional, Union
 import torch
 from torch import Tensor, nn
 
+from ._checks import domain_check_mode
 from .ops import domain_batch_norm, domain_instance_norm
 
 Domain = Union[int, Tensor]
@@ -195,7 +196,9 @@ class DomainScale2d(nn.Module):
         else:
             if d.dtype != torch.int64 or d.shape != (x.shape[0],) or d.device != x.device:
                 raise ValueError(f"DomainScale2d: domain tensor must be int64 of shape ({x.shape[0]},) on {x.device}")
-            if not torch.compiler.is_compiling() and (int(d.min()) < 0 or int(d.max()) >= self.num_domains):
+            # On CUDA with device-side checks, index_select validates the indices itself.
+            host_check = not (d.is_cuda and domain_check_mode() == "device")
+            if host_check and not torch.compiler.is_compiling() and not 0 <= int(d.min()) <= int(d.max()) < self.num_domains:
                 raise ValueError(f"DomainScale2d: domain values must lie in [0, {self.num_domains})")
             w = self.weight.index_select(0, d)[:, :, None, None]
             b = self.bias.index_select(0, d)[:, :, None, None]

@@ -24,7 +24,7 @@ from torch import Tensor
 
 from . import reference
 from ._autograd import register_autograd
-from ._checks import check_batch_norm, check_instance_norm
+from ._checks import check_batch_norm, check_instance_norm, check_x, host_value_checks
 from .backends import extension_loaded, resolve_backend
 
 Domain = Union[int, Tensor]
@@ -62,9 +62,11 @@ def domain_batch_norm(x: Tensor, domain: Domain, weight: Optional[Tensor] = None
     running stats with per-domain groups are updated by each present group in increasing
     domain order. Gradients flow to x, weight and bias.
     """
-    domain_tensor, pure = check_batch_norm(x, domain, weight, bias, running_mean, running_var, num_domains,
-                                           use_batch_stats, stats_per_domain, momentum, eps)
+    check_x("domain_batch_norm", x)
     name = resolve_backend(backend, x.device)
+    domain_tensor, pure = check_batch_norm(x, domain, weight, bias, running_mean, running_var, num_domains,
+                                           use_batch_stats, stats_per_domain, momentum, eps,
+                                           host_values=host_value_checks(name, x.device))
     if name == "reference":
         return reference.domain_batch_norm(x, domain, weight, bias, running_mean, running_var,
                                            num_domains=num_domains, use_batch_stats=use_batch_stats,
@@ -97,8 +99,10 @@ def domain_instance_norm(x: Tensor, domain: Domain, weight: Optional[Tensor] = N
     Arguments as in :func:`domain_batch_norm`; ``weight``/``bias`` are (num_domains, C),
     (C,) or None. Returns y with x's shape, dtype and memory format.
     """
-    domain_tensor, pure = check_instance_norm(x, domain, weight, bias, num_domains, eps)
+    check_x("domain_instance_norm", x)
     name = resolve_backend(backend, x.device)
+    domain_tensor, pure = check_instance_norm(x, domain, weight, bias, num_domains, eps,
+                                              host_values=host_value_checks(name, x.device))
     if name == "reference":
         return reference.domain_instance_norm(x, domain, weight, bias, num_domains=num_domains, eps=eps, relu=relu)
     if name == "triton":

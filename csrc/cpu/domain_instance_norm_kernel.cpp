@@ -74,8 +74,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward(const at::Tensor& grad_y
       sample_domains(domain, pure_domain, N, num_domains, "domain_instance_norm_backward");
   const at::Tensor dy = same_layout(grad_y, v);
   at::Tensor dx = at::empty_like(v.x);
-  const int64_t wrows = weight.has_value() && weight->dim() == 2 ? D : 1;
-  const int64_t brows = bias.has_value() && bias->dim() == 2 ? D : 1;
+  const int64_t wrows = param_grad_rows(weight, D);
+  const int64_t brows = param_grad_rows(bias, D);
   at::Tensor dweight = at::zeros({wrows, C}, at::TensorOptions().dtype(at::kDouble));
   at::Tensor dbias = at::zeros({brows, C}, at::TensorOptions().dtype(at::kDouble));
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, v.x.scalar_type(), "domain_instance_norm_backward_cpu", [&] {

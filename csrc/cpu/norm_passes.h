@@ -26,47 +26,13 @@
 #include <cstdint>
 #include <vector>
 
+#include "../norm_common.h"
+
 namespace unirep {
 namespace cpu {
 
 // Values handled per parallel task; below this, threads cost more than they save.
 constexpr int64_t kGrainValues = 32768;
-
-struct PlaneView {
-  at::Tensor x;  // dense: contiguous (NCS) or channels_last (NSC)
-  int64_t N = 0, C = 0, S = 1;
-  bool channels_last = false;
-};
-
-// Views x as planes without copying when it is contiguous or channels_last (4-d or 5-d);
-// any other strides are made contiguous (one copy, documented in the README).
-inline PlaneView plane_view(const at::Tensor& x) {
-  PlaneView v;
-  v.N = x.size(0);
-  v.C = x.size(1);
-  v.S = v.N * v.C == 0 ? 0 : x.numel() / (v.N * v.C);
-  if (x.dim() == 2) {
-    v.x = x.contiguous();
-    v.channels_last = true;  // (N, C) rows: the NSC walk with S = 1 vectorizes over C
-  } else if (x.is_contiguous()) {
-    v.x = x;
-  } else if ((x.dim() == 4 && x.is_contiguous(at::MemoryFormat::ChannelsLast)) ||
-             (x.dim() == 5 && x.is_contiguous(at::MemoryFormat::ChannelsLast3d))) {
-    v.x = x;
-    v.channels_last = true;
-  } else {
-    v.x = x.contiguous();
-  }
-  return v;
-}
-
-// grad_y in x's layout (and dtype), so both are walked with the same indices.
-inline at::Tensor same_layout(const at::Tensor& grad_y, const PlaneView& v) {
-  at::Tensor g = grad_y.to(v.x.scalar_type());
-  if (v.channels_last && v.x.dim() == 4) return g.contiguous(at::MemoryFormat::ChannelsLast);
-  if (v.channels_last && v.x.dim() == 5) return g.contiguous(at::MemoryFormat::ChannelsLast3d);
-  return g.contiguous();
-}
 
 // The fused ReLU, as torch.relu: negatives become 0, NaN stays NaN; its gradient passes
 // where the pre-activation is not <= 0 (torch's threshold_backward rule).
@@ -396,9 +362,7 @@ struct ParamRows {
             const char* name)
       : fill(fill_), C(C_) {
     if (p.has_value() && p->defined()) {
-      TORCH_CHECK_VALUE((p->dim() == 1 && p->size(0) == C) || (p->dim() == 2 && p->size(0) == rows && p->size(1) == C),
-                        name, " must have shape (num_domains, C) = (", rows, ", ", C, ") or (C,) = (", C, ",), got ",
-                        p->sizes());
+      check_param_shape(p, rows, C, name);
       values = p->to(acc).contiguous();
       data = values.data_ptr<acc_t>();
       per_row = p->dim() == 2;
@@ -409,14 +373,6 @@ struct ParamRows {
     return data[(per_row ? row * C : 0) + c];
   }
 };
-
-// A parameter's gradient accumulated in float64 as (rows, C), returned in the parameter's
-// shape and dtype; (C,) in the accumulation dtype when the parameter is absent.
-inline at::Tensor param_grad(const at::Tensor& grad, const c10::optional<at::Tensor>& param, at::ScalarType acc) {
-  const bool given = param.has_value() && param->defined();
-  at::Tensor g = grad.to(given ? param->scalar_type() : acc);
-  return given ? g.reshape(param->sizes()) : g.reshape({grad.size(1)});
-}
 
 // Each sample's domain as a host array: from the index tensor (range-checked: this is the
 // kernel-side guard that also holds under torch.compile) or the pure-batch domain.
