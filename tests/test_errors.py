@@ -143,18 +143,29 @@ def test_non_numeric_momentum_or_eps_is_named(backend, name):
         uk.domain_batch_norm(*args.values(), num_domains=D, use_batch_stats=True, backend=backend, **{name: None})
 
 
-@pytest.mark.parametrize("backend", CPU_BACKENDS)
-def test_compiled_ops_check_parameter_shapes_themselves(backend):
+# The compiled kernels and the device their tensors live on.
+KERNEL_DEVICES = [(b, "cpu") for b in CPU_BACKENDS] + ([("cuda", "cuda")] if uk.backends()["cuda"][0] else [])
+
+
+@pytest.mark.parametrize("backend,device", KERNEL_DEVICES)
+def test_compiled_ops_check_parameter_shapes_themselves(backend, device):
     """Direct torch.ops calls bypass the Python checks: the kernels must not read out of bounds."""
-    x = torch.randn(4, 3, 2, 2)
+    x = torch.randn(4, 3, 2, 2, device=device)
+
+    def t(*shape):
+        return torch.ones(*shape, device=device)
+
     with pytest.raises(ValueError, match=r"weight must have shape \(num_domains, C\) = \(3, 3\)"):
-        torch.ops.unirep.domain_batch_norm_forward(x, None, 2, torch.randn(1, 3), None, None, None, 3, True, True,
-                                                   1e-5, False)
+        torch.ops.unirep.domain_batch_norm_forward(x, None, 2, t(1, 3), None, None, None, 3, True, True, 1e-5, False)
     with pytest.raises(ValueError, match="bias must have shape"):
-        torch.ops.unirep.domain_instance_norm_forward(x, None, 0, None, torch.randn(5), 3, 1e-5, False)
-    with pytest.raises(ValueError, match="running stats must have shape"):
-        torch.ops.unirep.domain_batch_norm_forward(x, None, 0, None, None, torch.zeros(2, 3), torch.ones(2, 3), 3,
-                                                   False, True, 1e-5, False)
+        torch.ops.unirep.domain_instance_norm_forward(x, None, 0, None, t(5), 3, 1e-5, False)
+    with pytest.raises(ValueError, match="running_mean must have shape"):
+        torch.ops.unirep.domain_batch_norm_forward(x, None, 0, None, None, t(2, 3), t(2, 3), 3, False, True, 1e-5,
+                                                   False)
+    # (D, C) moments with a (C,) variance would read the variance out of bounds.
+    with pytest.raises(ValueError, match="running_mean .* and running_var .* must have the same shape"):
+        torch.ops.unirep.domain_batch_norm_forward(x, None, 0, None, None, t(3, 3), t(3), 3, False, True, 1e-5,
+                                                   False)
 
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)

@@ -86,10 +86,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward(
     } else {
       TORCH_CHECK(running_mean.has_value() && running_var.has_value(), kForward,
                   ": running_mean and running_var are required when use_batch_stats=False");
-      for (const auto* stat : {&running_mean, &running_var}) {
-        TORCH_CHECK_VALUE((*stat)->numel() == C || (*stat)->numel() == D * C, kForward,
-                          ": running stats must have shape (num_domains, C) or (C,), got ", (*stat)->sizes());
-      }
+      check_param_shape(running_mean, D, C, "running_mean");
+      check_param_shape(running_var, D, C, "running_var");
+      TORCH_CHECK_VALUE(running_mean->sizes() == running_var->sizes(), kForward, ": running_mean ",
+                        running_mean->sizes(), " and running_var ", running_var->sizes(), " must have the same shape");
       // A fresh row-major copy: the tables read it by index, and later in-place updates of
       // the running stats must not change what the backward sees.
       mean = running_mean->to(acc).reshape({-1, C}).clone(at::MemoryFormat::Contiguous);

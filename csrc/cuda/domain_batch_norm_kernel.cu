@@ -137,6 +137,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward(
                 ": running_mean and running_var are required when use_batch_stats=False");
     check_param_shape(running_mean, D, C, "running_mean");
     check_param_shape(running_var, D, C, "running_var");
+    TORCH_CHECK_VALUE(running_mean->sizes() == running_var->sizes(), kForward, ": running_mean ",
+                      running_mean->sizes(), " and running_var ", running_var->sizes(), " must have the same shape");
+    check_same_device(v.x, *running_mean, kForward, "running_mean");
+    check_same_device(v.x, *running_var, kForward, "running_var");
     // A fresh row-major copy: later in-place updates of the running stats must not change
     // what the backward sees.
     mean = running_mean->to(acc).reshape({-1, C}).clone(at::MemoryFormat::Contiguous);
@@ -192,6 +196,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward(
   TORCH_CHECK(grad_y.sizes() == x_in.sizes(), kBackward, ": grad_y must have x's shape");
   TORCH_CHECK(mean.dim() == 2 && mean.size(1) == C && var.sizes() == mean.sizes(), kBackward,
               ": mean/var must be (G, C)");
+  check_same_device(v.x, mean, kBackward, "mean");
+  check_same_device(v.x, var, kBackward, "var");
+  check_same_device(v.x, grad_y, kBackward, "grad_y");
   const at::ScalarType acc = at::toOpMathType(v.x.scalar_type());
   const at::TensorOptions acc_options = v.x.options().dtype(acc);
   const SampleRows rows = sample_rows(domain, pure_domain, v.x, N, D, S, /*with_count=*/false, kBackward);

@@ -160,6 +160,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward(const at::Tensor& grad_y
   const int64_t N = v.N, C = v.C, S = v.S;
   TORCH_CHECK(grad_y.sizes() == x_in.sizes(), kBackward, ": grad_y must have x's shape");
   TORCH_CHECK(mean.numel() == N * C && var.numel() == N * C, kBackward, ": mean/var must be (N, C)");
+  check_same_device(v.x, mean, kBackward, "mean");
+  check_same_device(v.x, var, kBackward, "var");
+  check_same_device(v.x, grad_y, kBackward, "grad_y");
   const at::ScalarType acc = at::toOpMathType(v.x.scalar_type());
   const at::TensorOptions acc_options = v.x.options().dtype(acc);
   const at::TensorOptions double_options = v.x.options().dtype(at::kDouble);

@@ -69,8 +69,13 @@ __host__ __device__ __forceinline__ int64_t min64(int64_t a, int64_t b) { return
 // Multiprocessors of the current device (ATen/cuda/CUDAContext.h would give them too, but it
 // pulls in cuBLAS/cuSPARSE headers that a compile-only toolkit may lack).
 inline int sm_count() {
+  constexpr int kMaxDevices = 64;
+  static int cached[kMaxDevices] = {};  // 0: not read yet (a benign race: every writer writes the same value)
+  const int device = c10::cuda::current_device();
+  if (device < kMaxDevices && cached[device] > 0) return cached[device];
   int count = 0;
-  C10_CUDA_CHECK(cudaDeviceGetAttribute(&count, cudaDevAttrMultiProcessorCount, c10::cuda::current_device()));
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&count, cudaDevAttrMultiProcessorCount, device));
+  if (device < kMaxDevices) cached[device] = count;
   return count;
 }
 
@@ -104,6 +109,11 @@ struct ParamHolder {
   }
 };
 
+// Tensors an op reads through raw pointers must be on x's device (a host pointer would fault).
+inline void check_same_device(const at::Tensor& x, const at::Tensor& t, const char* op, const char* name) {
+  TORCH_CHECK(t.device() == x.device(), op, ": ", name, " is on ", t.device(), " but x is on ", x.device());
+}
+
 // Host checks of metadata shared by every CUDA op (the Python layer makes the same ones;
 // these hold when the ops are called directly, e.g. through torch.ops).
 inline void check_inputs(const at::Tensor& x, const c10::optional<at::Tensor>& weight,
@@ -113,11 +123,8 @@ inline void check_inputs(const at::Tensor& x, const c10::optional<at::Tensor>& w
   TORCH_CHECK(D >= 1 && D <= 65535, op, ": num_domains must lie in [1, 65535] on CUDA, got ", D);
   check_param_shape(weight, D, x.size(1), "weight");
   check_param_shape(bias, D, x.size(1), "bias");
-  for (const auto* p : {&weight, &bias}) {
-    if (p->has_value() && (*p)->defined()) {
-      TORCH_CHECK((*p)->device() == x.device(), op, ": parameters must be on x's device ", x.device());
-    }
-  }
+  if (weight.has_value() && weight->defined()) check_same_device(x, *weight, op, "weight");
+  if (bias.has_value() && bias->defined()) check_same_device(x, *bias, op, "bias");
 }
 
 // One thread per (channel, row): rows on grid y (check_inputs bounds num_domains by 65535).
@@ -318,17 +325,22 @@ struct MomentsReduction {
     acc_t n, mean, m2;
   };
   __device__ __forceinline__ State begin(int64_t, int64_t) const { return {acc_t(0), acc_t(0), acc_t(0)}; }
+  // The V values of a vector are merged as one group (its own two-pass moments in
+  // registers, then Chan's merge): one division per vector instead of one per value.
   template <int V>
   __device__ __forceinline__ void push(State& s, int64_t offset) const {
     const Vec<scalar_t, V> in = load_vec<V>(x + offset);
+    acc_t sum = 0;
+#pragma unroll
+    for (int l = 0; l < V; ++l) sum += static_cast<acc_t>(in.v[l]);
+    const acc_t mean = sum / acc_t(V);  // V is a power of two: exact
+    acc_t m2 = 0;
 #pragma unroll
     for (int l = 0; l < V; ++l) {
-      const acc_t value = static_cast<acc_t>(in.v[l]);
-      s.n += acc_t(1);
-      const acc_t delta = value - s.mean;
-      s.mean += delta / s.n;
-      s.m2 += delta * (value - s.mean);
+      const acc_t delta = static_cast<acc_t>(in.v[l]) - mean;
+      m2 += delta * delta;
     }
+    merge(s, State{acc_t(V), mean, m2});
   }
   __device__ __forceinline__ static void merge(State& a, const State& b) {
     const acc_t total = a.n + b.n;
