@@ -80,6 +80,9 @@ __global__ void backward_coefficients_kernel(const acc_t* __restrict__ ps1, cons
   if (c >= C) return;
   const int64_t group_d = per_domain_moments ? d : 0;
   const double inv_d = 1.0 / sqrt(static_cast<double>(var[group_d * C + c]) + eps);
+  // Only the d = 0 thread of a (C,) weight needs every sample's own invstd (a sqrt each);
+  // every other sum uses d's group, whose invstd is inv_d.
+  const bool sums_all_groups = d == 0 && !weight_per_domain;
   double s1_d = 0, s2_d = 0, t1 = 0, t2 = 0, all_s1 = 0, all_s2 = 0;
   int64_t group_samples = 0;
   for (int64_t n = 0; n < N; ++n) {
@@ -90,7 +93,6 @@ __global__ void backward_coefficients_kernel(const acc_t* __restrict__ ps1, cons
     }
     const int64_t r = rows[n];
     const int64_t g = per_domain_moments ? r : 0;
-    const double inv_g = 1.0 / sqrt(static_cast<double>(var[g * C + c]) + eps);
     if (r == d) {
       s1_d += a1;
       s2_d += a2;
@@ -98,12 +100,13 @@ __global__ void backward_coefficients_kernel(const acc_t* __restrict__ ps1, cons
     if (g == group_d) {
       const double w = static_cast<double>(weight.at(r, c));
       t1 += w * a1;
-      t2 += w * inv_g * a2;
+      t2 += w * a2;
       ++group_samples;
     }
     all_s1 += a1;
-    all_s2 += inv_g * a2;
+    if (sums_all_groups) all_s2 += a2 / sqrt(static_cast<double>(var[g * C + c]) + eps);
   }
+  t2 *= inv_d;
   if (bias_per_domain) dbias[d * C + c] = s1_d;
   else if (d == 0) dbias[c] = all_s1;
   if (weight_per_domain) dweight[d * C + c] = inv_d * s2_d;
