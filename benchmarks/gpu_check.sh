@@ -56,7 +56,7 @@ for step in $STEPS; do
       popd >/dev/null ;;
     bench)
       pushd /tmp >/dev/null
-      run_step bench "$PY" "$REPO/benchmarks/norm_speed.py" --device cuda --out "$OUT"
+      run_step bench "$PY" "$REPO/benchmarks/norm_speed.py" --device cuda --out "$OUT" --compile main
       popd >/dev/null ;;
     *) echo "unknown step $step" >&2; STATUS[$step]="unknown" ;;
   esac
