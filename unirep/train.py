@@ -37,7 +37,7 @@ CHECKPOINT = "checkpoint.pt"
 #: Options and their defaults (``None``: decided by the preset).
 DEFAULTS: Dict[str, Any] = dict(
     data="builtin", domains=None, image_size=None, train_per_domain=None, test_per_domain=None,
-    arch="resnet38", strategy="bn-domain", sharing="deep", width=1, widths=None, stem_width=16,
+    permute_labels=None, arch="resnet38", strategy="bn-domain", sharing="deep", width=1, widths=None, stem_width=16,
     units_per_stage=None, augment=None, batching="round-robin", batch_size=None, steps=None, epochs=None,
     accumulate=1, lr=0.1, warmup_lr=0.01, warmup_steps=None, final_lr=1e-4, decay=None,
     momentum=0.9, weight_decay=1e-4, seed=0, device="auto", backend="auto", out=None, resume=None,
@@ -87,6 +87,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--test-per-domain", type=int, default=S,
                    help="built-in benchmark: test images per domain (default 500)")
     g.add_argument("--cache-dir", default=S, help="built-in benchmark cache (default: unirep.data's)")
+    g.add_argument("--permute-labels", type=int, default=S, metavar="SEED",
+                   help="rename every domain's classes by its own seeded random permutation (train and "
+                        "test alike); with --sharing full this pairs the domains' classes at random on the "
+                        "shared classifier, as for the paper's Table 2")
     g = p.add_argument_group("model")
     g.add_argument("--arch", choices=["resnet38", "alexnet", "vggm128"], default=S, help="default resnet38")
     g.add_argument("--strategy", default=S,
@@ -221,6 +225,8 @@ def build_data(cfg: Dict[str, Any]):
         md = MultiDomainData(sets)
         if cfg.get("domains"):
             md = md.subset(cfg["domains"])
+    if cfg.get("permute_labels") is not None:
+        md = md.permute_labels(int(cfg["permute_labels"]))
     return md
 
 

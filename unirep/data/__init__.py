@@ -11,7 +11,7 @@ Quick start::
 
 from .builtin import (BUILTIN_DOMAINS, builtin_benchmark, builtin_domain, default_cache_dir,
                       generate_domain)
-from .dataset import NO_FLIP_KINDS, DomainDataset, MultiDomainData
+from .dataset import NO_FLIP_KINDS, DomainDataset, MultiDomainData, label_permutation
 from .errors import DataFormatError
 from .formats import FORMATS, detect_format, load_dataset
 from .loader import BatchLoader, iter_eval
@@ -20,7 +20,8 @@ from .transforms import augment, channel_stats, resize_uint8, to_rgb, whiten
 
 __all__ = [
     "BUILTIN_DOMAINS", "builtin_benchmark", "builtin_domain", "default_cache_dir",
-    "generate_domain", "NO_FLIP_KINDS", "DomainDataset", "MultiDomainData", "DataFormatError",
+    "generate_domain", "NO_FLIP_KINDS", "DomainDataset", "MultiDomainData", "label_permutation",
+    "DataFormatError",
     "FORMATS", "detect_format", "load_dataset", "BatchLoader", "iter_eval", "IndexStream",
     "MixedSampler", "RoundRobinSampler", "allocate_shares", "augment", "channel_stats",
     "resize_uint8", "to_rgb", "whiten",

@@ -3,17 +3,31 @@
 
 from __future__ import annotations
 
+import zlib
 from collections.abc import Sequence
 from typing import Iterator
 
+import numpy as np
 import torch
 
 from .transforms import channel_stats, whiten
 
-__all__ = ["DomainDataset", "MultiDomainData", "NO_FLIP_KINDS"]
+__all__ = ["DomainDataset", "MultiDomainData", "NO_FLIP_KINDS", "label_permutation"]
 
 #: Kinds of domain whose images must not be mirrored (the paper: MNIST, Omniglot, SVHN).
 NO_FLIP_KINDS = frozenset({"digits", "characters", "text"})
+
+
+def label_permutation(num_classes: int, seed: int, name: str) -> torch.Tensor:
+    """A seeded random bijection of ``range(num_classes)`` for the domain called ``name``:
+    int64 ``perm`` with class ``k`` renamed ``perm[k]``.  A pure function of ``(num_classes,
+    seed, name)``, so a domain gets the same permutation whatever other domains it is
+    trained with (used to pair the classes of different domains at random on a shared
+    classifier: the paper's full sharing, Table 2)."""
+    if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
+        raise ValueError(f"label_permutation: num_classes must be a positive int, got {num_classes!r}")
+    ss = np.random.SeedSequence([int(seed), zlib.crc32(str(name).encode())])
+    return torch.from_numpy(np.random.default_rng(ss).permutation(num_classes)).to(torch.int64)
 
 
 def _check_split(name: str, split: str, pair, num_classes: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -92,6 +106,22 @@ class DomainDataset:
         """uint8 images of this domain -> whitened float tensor."""
         return whiten(images, self.mean, self.std, dtype=dtype)
 
+    def relabeled(self, perm: torch.Tensor) -> "DomainDataset":
+        """A copy of this domain whose class ``k`` is renamed ``perm[k]``: train and test
+        labels ``y`` become ``perm[y]`` and the class names are reordered to follow their
+        images (so ``classes[perm[k]]`` is the old ``classes[k]``).  Images and whitening
+        statistics are shared with this dataset, not copied."""
+        perm = torch.as_tensor(perm, dtype=torch.int64)
+        k = self.num_classes
+        if perm.shape != (k,) or not torch.equal(torch.sort(perm).values, torch.arange(k)):
+            raise ValueError(f"{self.name}: perm must be a permutation of range({k}), got {perm.tolist()}")
+        classes = [""] * k
+        for old, new in enumerate(perm.tolist()):
+            classes[new] = self.classes[old]
+        return DomainDataset(self.name, classes, (self.train[0], perm[self.train[1]]),
+                             (self.test[0], perm[self.test[1]]), kind=self.kind, mean=self.mean,
+                             std=self.std, source=self.source)
+
     def __repr__(self) -> str:
         return (f"DomainDataset({self.name!r}, kind={self.kind!r}, classes={self.num_classes}, "
                 f"train={self.train[0].shape[0]}, test={self.test[0].shape[0]}, "
@@ -165,6 +195,16 @@ class MultiDomainData(Sequence):
     def subset(self, names: Sequence[str | int]) -> "MultiDomainData":
         """A new collection with the given domains (names or indices), in that order."""
         return MultiDomainData([self[n] for n in names])
+
+    def permute_labels(self, seed: int) -> "MultiDomainData":
+        """A new collection where every domain's classes are renamed by its own seeded
+        random permutation (:func:`label_permutation` of its class count, ``seed`` and its
+        name; see :meth:`DomainDataset.relabeled`).  Train and test labels get the same
+        permutation, so errors are measured against the renamed labels consistently.  With a
+        shared classifier (``sharing="full"``) this pairs class ``k`` of one domain with an
+        unrelated class of every other domain at random, as the paper does for Table 2."""
+        return MultiDomainData([d.relabeled(label_permutation(d.num_classes, seed, d.name))
+                                for d in self.domains])
 
     def loader(self, batch_size: int, **kwargs):
         """A :class:`~unirep.data.loader.BatchLoader` over this collection; see its

@@ -1,0 +1,393 @@
+"""Output of ``benchmarks/norm_speed.py``: machine info, the results table (plain text for
+the terminal, markdown for the results file), headline ratios, the issue's targets, and
+the markdown file."""
+
+from __future__ import annotations
+
+import datetime
+import hashlib
+import math
+import os
+import platform
+import re
+import subprocess
+from typing import Dict, Iterable, List, Optional, Sequence
+
+import torch
+
+import unirep_kernels
+
+from norm_cases import BYTE_MODEL, MODES, NORM_TITLES, RESNET38_SWEEP, MiB, format_bytes
+from norm_impls import BASELINE_SHORT, BASELINE_TITLES
+from norm_timing import IDLE_CORES
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+# Cells of the table that hold no number.
+CELL_CANNOT = ""  # the baseline cannot express the case
+CELL_NOT_RUN = "-"  # not selected for this case (--baselines, --backends, --compile)
+CELL_FAIL = "FAIL"  # output differs from the oracle: not timed
+CELL_ERROR = "ERR"  # raised (e.g. a compile error): not timed, see the notes
+
+LEGEND = (
+    "Rows: one per (case, mode, backend of ours). 'ms': median time per call; 'GB/s': bytes of the byte model / "
+    "median time; '% copy': that over the copy bandwidth measured at the start for the same x size. Baseline "
+    "columns: the baseline's median ms, and 'vs': baseline time / our time (above 1: ours is faster), both "
+    "measured interleaved in the same run. Empty cell: the baseline cannot express the case (native F.batch_norm "
+    "has one set of statistics per call, so it has no BN / BN+ mixed-batch cell). '-': not run for this case "
+    "(compiled reference outside the --compile selection, or left out by --baselines). 'FAIL': its output "
+    "differed from reference.py, so it was not timed; 'ERR': it raised (see the notes). 'bg cores': CPU time "
+    "other processes used while the row was measured (steal time included).")
+
+
+# --------------------------------------------------------------------------------------
+# Machine info.
+
+
+def cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.lower().startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def device_name(device: torch.device) -> str:
+    """'cpu', or the slugified GPU name (e.g. 'nvidia-h100-80gb-hbm3')."""
+    if device.type == "cpu":
+        return "cpu"
+    name = torch.cuda.get_device_name(device)
+    return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-") or device.type
+
+
+def git_revision() -> Optional[str]:
+    try:
+        rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=HERE, capture_output=True, text=True,
+                             timeout=10)
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=HERE,
+                               capture_output=True, text=True, timeout=10)
+        head = rev.stdout.strip()
+        return (head + ("+uncommitted" if dirty.stdout.strip() else "")) if head else None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def extension_build() -> Optional[Dict[str, object]]:
+    """Which build of unirep_kernels._C was timed: path, modification time, sha256 prefix."""
+    ext = getattr(unirep_kernels, "_C", None)  # set when the extension loaded
+    path = getattr(ext, "__file__", None)
+    if not path or not os.path.exists(path):
+        return None
+    with open(path, "rb") as f:
+        digest = hashlib.sha256(f.read()).hexdigest()[:16]
+    mtime = datetime.datetime.fromtimestamp(os.path.getmtime(path), datetime.timezone.utc)
+    return {"path": os.path.relpath(path, os.path.dirname(HERE)), "built_utc": mtime.isoformat(timespec="seconds"),
+            "sha256": digest}
+
+
+def machine_info(device: torch.device) -> Dict[str, object]:
+    info: Dict[str, object] = {
+        "date": datetime.date.today().isoformat(),
+        "time_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "device": str(device), "device_name": device_name(device),
+        "cpu_model": cpu_model(), "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+        "torch": torch.__version__, "python": platform.python_version(), "platform": platform.platform(),
+        "unirep_kernels": getattr(unirep_kernels, "__version__", None), "git": git_revision(),
+        "extension": extension_build(),
+        "backends": {k: {"available": v[0], "reason": v[1]} for k, v in unirep_kernels.backends().items()},
+    }
+    try:
+        import triton
+
+        info["triton"] = getattr(triton, "__version__", "?")
+    except Exception:  # not installed, or broken: the backends entry says why
+        info["triton"] = None
+    if device.type == "cuda":
+        props = torch.cuda.get_device_properties(device)
+        info["gpu"] = torch.cuda.get_device_name(device)
+        info["gpu_memory_gib"] = round(props.total_memory / 2**30, 1)
+        info["cuda"] = torch.version.cuda
+    return info
+
+
+# --------------------------------------------------------------------------------------
+# Cells, rows, tables.
+
+
+def _ms(v: float) -> str:
+    return f"{v:.3f}" if v < 1 else f"{v:.2f}"
+
+
+def baseline_cell(result: Dict[str, object], mode_row: Dict[str, object], name: str, ours_ms: float):
+    """(ms cell, speedup cell) of baseline ``name`` for one row."""
+    status = result["impl_status"].get(name)
+    if status is None or status == "not run":
+        return CELL_NOT_RUN, CELL_NOT_RUN
+    if status == "cannot express":
+        return CELL_CANNOT, CELL_CANNOT
+    if status == "failed":
+        return CELL_FAIL, ""
+    if status == "error" or name in mode_row.get("errors", {}):
+        return CELL_ERROR, ""
+    t = mode_row["times"].get(name)
+    if t is None:
+        return CELL_NOT_RUN, CELL_NOT_RUN
+    return _ms(t["median_ms"]), f"{t['median_ms'] / ours_ms:.2f}x"
+
+
+def _load(v: Optional[float]) -> str:
+    return "?" if v is None else f"{v:.2f}"
+
+
+def table_rows(results: Sequence[Dict[str, object]], baselines: Sequence[str]) -> List[List[str]]:
+    rows = []
+    for r in results:
+        c = r["case"]
+        head = [c["shape"], c["dtype"], c["layout"], c["norm"], f"D={c['num_domains']} {c['batch']}"]
+        for mode, m in r["modes"].items():
+            for backend in r["backends"]:
+                status = r["impl_status"][backend]
+                t = m["times"].get(backend)
+                if t is None:
+                    cell = {"failed": CELL_FAIL, "error": CELL_ERROR}.get(status, CELL_NOT_RUN)
+                    if backend in m.get("errors", {}):
+                        cell = CELL_ERROR
+                    rows.append(head + [mode, backend, cell, "", ""] + [""] * (2 * len(baselines))
+                                + [_load(m["background_cores"])])
+                    continue
+                cells = []
+                for b in baselines:
+                    cells += list(baseline_cell(r, m, b, t["median_ms"]))
+                rows.append(head + [mode, backend, _ms(t["median_ms"]), f"{t['gbps']:.1f}", f"{t['pct_copy']:.0f}%"]
+                            + cells + [_load(m["background_cores"])])
+    return rows
+
+
+def table_header(baselines: Sequence[str]) -> List[str]:
+    head = ["shape", "dtype", "layout", "norm", "domains", "mode", "backend", "ms", "GB/s", "% copy"]
+    for b in baselines:
+        head += [f"{BASELINE_SHORT[b]} ms", f"vs {BASELINE_SHORT[b]}"]
+    return head + ["bg cores"]
+
+
+def render(head: Sequence[str], rows: Sequence[Sequence[str]], markdown: bool, right_from: int = 0) -> str:
+    """A table as markdown, or as aligned plain text (columns from ``right_from`` right-aligned)."""
+    if markdown:
+        lines = ["| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
+        lines += ["| " + " | ".join(row) + " |" for row in rows]
+        return "\n".join(lines)
+    widths = [max(len(str(x)) for x in col) for col in zip(head, *rows)]
+
+    def fmt(row: Sequence[str]) -> str:
+        return "  ".join(str(v).rjust(w) if i >= right_from else str(v).ljust(w)
+                         for i, (v, w) in enumerate(zip(row, widths))).rstrip()
+    return "\n".join([fmt(head), "  ".join("-" * w for w in widths)] + [fmt(row) for row in rows])
+
+
+def results_table(results: Sequence[Dict[str, object]], baselines: Sequence[str], markdown: bool) -> str:
+    return render(table_header(baselines), table_rows(results, baselines), markdown, right_from=7)
+
+
+# --------------------------------------------------------------------------------------
+# Headline ratios and the issue's targets.
+
+
+def headline(results: Sequence[Dict[str, object]], backends: Sequence[str],
+             baselines: Sequence[str]) -> List[Dict[str, object]]:
+    """Per (backend, baseline, batch kind, mode): geometric mean, min and max of baseline
+    time / our time over the cases where both were timed. The reference backend is left
+    out when a compiled backend is there (the full table has it)."""
+    compiled = [b for b in backends if b != "reference"]
+    out = []
+    for backend in compiled or list(backends):
+        for b in baselines:
+            for batch in ("pure", "mixed"):
+                for mode in MODES:
+                    ratios = [m["times"][b]["median_ms"] / m["times"][backend]["median_ms"]
+                              for r in results if r["case"]["batch"] == batch
+                              for md, m in r["modes"].items()
+                              if md == mode and backend in m["times"] and b in m["times"]]
+                    if ratios:
+                        out.append({"backend": backend, "baseline": b, "batch": batch, "mode": mode,
+                                    "cases": len(ratios),
+                                    "geomean": math.exp(sum(math.log(v) for v in ratios) / len(ratios)),
+                                    "min": min(ratios), "max": max(ratios)})
+    return out
+
+
+def headline_table(rows: Sequence[Dict[str, object]], markdown: bool) -> str:
+    """One row per (backend, baseline, batch kind), one column per mode: 'geomean [min-max] (cases)'."""
+    modes = [m for m in MODES if any(h["mode"] == m for h in rows)]
+    keys: List[tuple] = []
+    cells: Dict[tuple, Dict[str, str]] = {}
+    for h in rows:
+        key = (h["backend"], h["baseline"], h["batch"])
+        if key not in cells:
+            keys.append(key)
+            cells[key] = {}
+        cells[key][h["mode"]] = f"{h['geomean']:.2f}x [{h['min']:.2f}-{h['max']:.2f}] ({h['cases']})"
+    head = ["backend", "baseline", "batch"] + modes
+    body = [[k[0], BASELINE_SHORT[k[1]], k[2]] + [cells[k].get(m, "") for m in modes] for k in keys]
+    return render(head, body, markdown, right_from=3)
+
+
+def evaluate_targets(results: Sequence[Dict[str, object]], primary: Optional[str]) -> List[Dict[str, object]]:
+    """The kernel-core issue's targets, on the main case (N=128 C=64 32x32 float32 NCHW BN):
+    D=1 pure no slower than native F.batch_norm (ratio >= 1), D=10 mixed at least 3x faster
+    than the eager per-domain loop; per mode, for the primary backend."""
+    targets = []
+    if primary is None:
+        return targets
+    for r in results:
+        c = r["case"]
+        if c["shape"] != RESNET38_SWEEP or not c["main_config"]:
+            continue
+        if c["batch"] == "mixed":
+            goal, baseline, text = 3.0, "eager_loop", f"D={c['num_domains']} mixed: >= 3x faster than the eager loop"
+        else:
+            goal, baseline, text = 1.0, "native", f"D={c['num_domains']} pure: no slower than native F.batch_norm"
+        for mode, m in r["modes"].items():
+            times = m["times"]
+            if primary not in times or baseline not in times:
+                continue
+            ratio = times[baseline]["median_ms"] / times[primary]["median_ms"]
+            # Relative uncertainty of the ratio from both medians' half interquartile ranges.
+            spread = ratio * sum((times[n]["iqr_ms"] / 2 / times[n]["median_ms"]) ** 2
+                                 for n in (primary, baseline)) ** 0.5
+            targets.append({"case": c["name"], "target": text, "mode": mode, "backend": primary,
+                            "baseline": baseline, "ratio": ratio, "ratio_spread": spread,
+                            "ratio_of_min": times[baseline]["min_ms"] / times[primary]["min_ms"],
+                            "background_cores": m["background_cores"], "goal": goal, "met": bool(ratio >= goal),
+                            "within_noise": bool(abs(ratio - goal) <= spread)})
+    return targets
+
+
+def format_targets(targets: Iterable[Dict[str, object]]) -> List[str]:
+    return [f"{t['target']} [{t['mode']}, {t['backend']}]: {t['ratio']:.2f}x +- {t['ratio_spread']:.2f} "
+            f"(goal {t['goal']:.0f}x) -> {'MET' if t['met'] else 'NOT MET'}"
+            + (" (within noise)" if t["within_noise"] else "")
+            + f"; fastest/fastest {t['ratio_of_min']:.2f}x; bg {_load(t['background_cores'])} cores"
+            for t in targets]
+
+
+# --------------------------------------------------------------------------------------
+# Markdown file.
+
+
+def _cores(v: Optional[float]) -> str:
+    return "unknown" if v is None else f"{v:.2f} cores"
+
+
+def _extension_text(ext: Optional[Dict[str, object]]) -> str:
+    return "unknown" if not ext else f"`{ext['path']}` built {ext['built_utc']} (sha256 {ext['sha256']})"
+
+
+def load_summary(results: Sequence[Dict[str, object]]) -> Dict[str, object]:
+    """How loaded the machine was while rows were measured."""
+    loads = [m["background_cores"] for r in results for m in r["modes"].values()
+             if m["background_cores"] is not None]
+    busy = [v for v in loads if v > IDLE_CORES]
+    return {"rows": len(loads), "busy_rows": len(busy), "max": max(loads) if loads else None,
+            "median": sorted(loads)[len(loads) // 2] if loads else None}
+
+
+def copy_table(copies: Sequence[Dict[str, object]], markdown: bool) -> str:
+    head = ["x size", "copy GB/s", "median ms", "fresh output ms", "bg cores"]
+    body = [[format_bytes(c["x_bytes"]), f"{c['gbps']:.1f}", _ms(c["median_ms"]), _ms(c["alloc_copy_ms"]),
+             _load(c["background_cores"])] for c in copies]
+    return render(head, body, markdown, right_from=1)
+
+
+def write_markdown(path: str, payload: Dict[str, object], command: str, png_name: Optional[str]) -> None:
+    info, opts, results = payload["machine"], payload["options"], payload["cases"]
+    load = payload["load"]
+    loaded = load["busy_rows"] > 0
+    backends = ", ".join(f"{k}: {'yes' if v['available'] else 'no'} ({v['reason']})"
+                         for k, v in info["backends"].items())
+    baselines = payload["baselines"]
+    failed = [r["case"]["name"] + f" ({', '.join(n for n, s in r['impl_status'].items() if s == 'failed')})"
+              for r in results if any(s == "failed" for s in r["impl_status"].values())]
+    notes = [f"- `{r['case']['name']}`: {n}" for r in results for n in r["notes"]]
+    gpu = f", GPU {info['gpu']} ({info['gpu_memory_gib']} GiB, CUDA {info['cuda']})" if "gpu" in info else ""
+    load_line = (f"**The machine was loaded**: other processes used more than {IDLE_CORES} cores while "
+                 f"{load['busy_rows']} of {load['rows']} rows were measured (at most {_cores(load['max'])}, median "
+                 f"{_cores(load['median'])}; see 'bg cores' per row). Absolute times of those rows are pessimistic "
+                 f"and noisy; ratios, measured interleaved, are what to read."
+                 if loaded else f"The machine was idle while rows were measured (background load at most "
+                                f"{_cores(load['max'])}).")
+    plan = opts["timing"]
+    timer = ("CUDA events around blocks of calls (device synchronized before each block)"
+             if info["device"].startswith("cuda") else "torch.utils.benchmark.Timer.timeit over blocks of calls")
+    text = f"""# Domain-muxed normalization speed: {info['device_name']}, {info['date']}
+
+Generated by `{command}` (device {info['device']}, {payload['elapsed_s']:.0f} s, {len(results)} cases,
+grid `{opts['grid']}`). {load_line}
+
+- Machine: {info['cpu_model']}, {info['cpu_count']} CPUs, torch {info['torch']} with {info['torch_threads']} \
+thread(s){f" (--threads {opts['threads']})" if opts.get('threads') else ""}, Python {info['python']}, triton {info['triton']}, {info['platform']}{gpu}
+- Code: git {info['git']}, unirep_kernels {info['unirep_kernels']}, extension {_extension_text(info['extension'])}
+- Backends: {backends}
+- Background load (CPU used by other processes) before the run: {_cores(info['background_cores_at_start'])}; \
+`--wait-idle {opts['wait_idle_s']:g} --attempts {opts['attempts']}`
+- Allocator: {info['allocator']}
+- Timing: {timer}; implementations interleaved in rounds (A B C A B C ...), median over blocks of ~\
+{plan['block_time'] * 1e3:.0f} ms; each gets at least {plan['min_blocks']} blocks and {plan['min_run_time']:g} s, \
+after the correctness check and {plan['warmup']} warm-up call(s). Inputs rotate over preallocated copies (at \
+least 3, and at least {opts['rotate_bytes'] / MiB:.0f} MiB of x; cache {_size(opts['cache_bytes'])}); backward \
+rotates over retained forward graphs covering the same bytes of x and dy together (at least 3; fewer if \
+memory is short: 'copies' in the JSON). Weight, bias and running stats are (D, C) float32 tables; gradients \
+via torch.autograd.grad.
+- Correctness guard: before timing, every implementation runs once and is compared with reference.py \
+(max abs error <= tol x max(1, max |reference|), tol 1e-3 float32, 1e-2 float16, 4e-2 bfloat16: y, updated \
+running stats, dx, dweight, dbias as the modes need; our backends must also keep x's memory format). \
+{('FAILED: ' + '; '.join(failed)) if failed else 'Every implementation that ran passed.'}
+
+## Byte model
+
+{BYTE_MODEL}
+
+## Copy bandwidth (measured at the start)
+
+{copy_table(payload['copy_bandwidth'], markdown=True)}
+
+## Implementations
+
+Backends of ours: {', '.join(f'`{b}`' for b in payload['backends'])}. Baselines:
+
+{chr(10).join(f'- `{b}` ({BASELINE_SHORT[b]}): {BASELINE_TITLES[b]}' for b in baselines)}
+
+Normalizations: {'; '.join(f'`{k}`: {v}' for k, v in NORM_TITLES.items())}.
+Modes: {'; '.join(f'`{m.name}`: {m.title}' for m in MODES.values())}.
+
+## Results
+
+{LEGEND}
+
+{results_table(results, baselines, markdown=True)}
+
+## Headline: speedup of each backend over each baseline
+
+Baseline time / our time: geometric mean [min-max] (number of cases) over the cases of this run where both were
+timed, pure and mixed batches apart (ratios measured side by side).
+
+{headline_table(payload['headline'], markdown=True)}
+
+## Targets of the kernel-core issue (main case N=128 C=64 32x32 float32 NCHW BN)
+
+{chr(10).join('- ' + line for line in format_targets(payload['targets'])) or '- (not in this run)'}
+
+## Notes
+
+{chr(10).join(notes) or '- none'}
+"""
+    if png_name:
+        text += f"\n## Plot\n\n![effective bandwidth against x size]({png_name})\n"
+    with open(path, "w") as f:
+        f.write(text)
+
+
+def _size(v: Optional[int]) -> str:
+    return "unknown" if not v else f"{v / MiB:.0f} MiB"
