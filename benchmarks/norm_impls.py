@@ -17,7 +17,6 @@ from __future__ import annotations
 import dataclasses
 import math
 import time
-import traceback
 from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
@@ -415,12 +414,22 @@ def check_case(case: Case, pool: InputPool, tensors: CaseTensors, names: Sequenc
         except Unsupported:
             raise
         except Exception as exc:  # a compile error, a kernel refusing the case, ...
-            lines = traceback.format_exception_only(type(exc), exc)
-            entry["error"] = "".join(lines).strip().splitlines()[-1][:400] if lines else repr(exc)
+            entry["error"] = describe_error(exc)
         entry["seconds"] = time.perf_counter() - start
         report["impls"][name] = entry
     report["ok"] = all(e["ok"] for e in report["impls"].values())
     return report
+
+
+def describe_error(exc: BaseException) -> str:
+    """One line for a results note: the exception's type and the first lines of its message,
+    without torch.compile's generic "Set TORCHDYNAMO_VERBOSE=1 ..." advice (which is all the
+    last line of an InductorError says)."""
+    text = f"{type(exc).__name__}: {exc}".strip()
+    lines = [ln.strip() for ln in text.splitlines()
+             if ln.strip() and not ln.strip().startswith(("Set TORCHDYNAMO_VERBOSE", "For even more developer"))]
+    text = " ".join(lines[:3]) or repr(exc)
+    return (text + " (no message)" if text.endswith(":") else text)[:400]
 
 
 # --------------------------------------------------------------------------------------

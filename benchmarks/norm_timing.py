@@ -1,15 +1,15 @@
 """Timing for ``benchmarks/norm_speed.py``: interleaved medians, background load, copy bandwidth.
 
-- CPU: blocks of ``torch.utils.benchmark.Timer.timeit(number)`` (one block: ``number``
-  calls, time per call = block time / number).
-- CUDA: the same blocks, timed with CUDA events recorded before the first and after the
-  last call of a block (the device is synchronized before each block, so no block starts
+- CPU: each round, ``torch.utils.benchmark.Timer.blocked_autorange(min_run_time=block_time)``
+  (blocks of calls sized by an untimed calibration call; time per call = block time / calls).
+- CUDA: each round, one block of calls timed with CUDA events recorded before the first and
+  after the last call (the device is synchronized before each block, so no block starts
   while another implementation's kernels still run, and the launch overhead of Python-heavy
   baselines is counted as it is in training).
 
-Every implementation of a (case, mode) is measured in rounds, one block each per round
-(A B C A B C ...), so background load on a shared machine spreads over all of them alike
-and their ratios stay fair; the result is the median over blocks. Inputs are rotated by
+Every implementation of a (case, mode) is measured in rounds, one measurement each per
+round (A B C A B C ...), so background load on a shared machine spreads over all of them
+alike and their ratios stay fair; the result is the median over blocks. Inputs are rotated by
 the callables themselves (:func:`rotating`), over enough copies that the cache does not
 flatter (see :func:`rotation_bytes`).
 """
@@ -96,10 +96,10 @@ def rotation_bytes(device: torch.device, cache: Optional[int]) -> int:
 
 @dataclasses.dataclass
 class TimingPlan:
-    """How long to measure: every callable gets at least ``min_blocks`` blocks and keeps
-    getting one per round until it has run ``min_run_time`` seconds (at most ``max_rounds``
-    rounds); a block lasts about ``block_time`` seconds (at least one call). ``warmup``
-    untimed calls come first (the correctness check has already run each callable once)."""
+    """How long to measure: every callable gets measured once per round (about
+    ``block_time`` seconds, at least one call) until it has ``min_blocks`` blocks and
+    ``min_run_time`` seconds timed (at most ``max_rounds`` rounds). ``warmup`` untimed
+    calls come first (the correctness check has already run each callable once)."""
     min_run_time: float = 1.0
     block_time: float = 0.05
     min_blocks: int = 3
@@ -112,24 +112,32 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-class CpuBlockTimer:
-    """Seconds per call over a block of ``number`` calls, by torch.utils.benchmark.Timer."""
+class CpuRoundTimer:
+    """One round's measurement on the CPU: ``Timer.blocked_autorange(min_run_time=block_time)``
+    of torch.utils.benchmark (it sizes its blocks with an untimed calibration call, a fresh
+    warm-up after the other implementations ran, then times blocks of that many calls
+    until ``block_time`` has passed: at least one block)."""
 
-    def __init__(self, fn: Callable[[], object], device: torch.device) -> None:
-        # num_threads: the process's (Timer would otherwise pin the block to one thread).
+    def __init__(self, fn: Callable[[], object], device: torch.device, block_time: float) -> None:
+        # num_threads: the process's (Timer would otherwise pin the blocks to one thread).
         self.timer = benchmark.Timer(stmt="fn()", globals={"fn": fn}, num_threads=torch.get_num_threads())
+        self.block_time = block_time
 
-    def block(self, number: int) -> float:
-        return self.timer.timeit(number).mean
+    def measure(self) -> Tuple[List[float], int, float]:
+        """(seconds per call of every block, calls timed, seconds timed)."""
+        m = self.timer.blocked_autorange(min_run_time=self.block_time)
+        return list(m.times), m.number_per_run * len(m.raw_times), float(sum(m.raw_times))
 
 
-class CudaBlockTimer:
-    """Seconds per call over a block of ``number`` calls, by CUDA events."""
+class CudaRoundTimer:
+    """One round's measurement on a GPU: one block of calls between two CUDA events, the
+    device synchronized first; the block's size is set once, from a first timed call."""
 
-    def __init__(self, fn: Callable[[], object], device: torch.device) -> None:
-        self.fn, self.device = fn, device
+    def __init__(self, fn: Callable[[], object], device: torch.device, block_time: float) -> None:
+        self.fn, self.device, self.block_time = fn, device, block_time
+        self.number: Optional[int] = None
 
-    def block(self, number: int) -> float:
+    def _block(self, number: int) -> float:
         start = torch.cuda.Event(enable_timing=True)
         end = torch.cuda.Event(enable_timing=True)
         torch.cuda.synchronize(self.device)
@@ -138,11 +146,18 @@ class CudaBlockTimer:
             self.fn()
         end.record()
         end.synchronize()
-        return start.elapsed_time(end) * 1e-3 / number
+        return start.elapsed_time(end) * 1e-3
+
+    def measure(self) -> Tuple[List[float], int, float]:
+        if self.number is None:  # calibration (untimed)
+            one = self._block(1)
+            self.number = max(1, min(100_000, int(self.block_time / max(one, 1e-9))))
+        t = self._block(self.number)
+        return [t / self.number], self.number, t
 
 
-def block_timer(fn: Callable[[], object], device: torch.device):
-    return CudaBlockTimer(fn, device) if device.type == "cuda" else CpuBlockTimer(fn, device)
+def round_timer(fn: Callable[[], object], device: torch.device, block_time: float):
+    return (CudaRoundTimer if device.type == "cuda" else CpuRoundTimer)(fn, device, block_time)
 
 
 def _summary(per_call: List[float], calls: int) -> Dict[str, float]:
@@ -155,26 +170,27 @@ def _summary(per_call: List[float], calls: int) -> Dict[str, float]:
 def time_callables(fns: Dict[str, Callable[[], object]], device: torch.device,
                    plan: TimingPlan) -> Dict[str, Dict[str, float]]:
     """Median time per call of every ``fn()`` in ms (plus iqr, min, blocks, calls), measured
-    interleaved in rounds (see the module docstring)."""
-    timers = {name: block_timer(fn, device) for name, fn in fns.items()}
-    number: Dict[str, int] = {}
-    for name, fn in fns.items():
+    interleaved in rounds (see the module docstring): every callable gets ``plan.warmup``
+    untimed calls, then rounds of one measurement each until it has ``plan.min_blocks``
+    blocks and ``plan.min_run_time`` seconds timed."""
+    timers = {name: round_timer(fn, device, plan.block_time) for name, fn in fns.items()}
+    for fn in fns.values():
         for _ in range(plan.warmup):
             fn()
-        one = timers[name].block(1)  # also a last warm-up call
-        number[name] = max(1, min(100_000, int(plan.block_time / max(one, 1e-9))))
     synchronize(device)
     per_call: Dict[str, List[float]] = {name: [] for name in fns}
+    calls: Dict[str, int] = {name: 0 for name in fns}
     spent: Dict[str, float] = {name: 0.0 for name in fns}
     for _ in range(plan.max_rounds):
         pending = [name for name in fns if len(per_call[name]) < plan.min_blocks or spent[name] < plan.min_run_time]
         if not pending:
             break
         for name in pending:
-            t = timers[name].block(number[name])
-            per_call[name].append(t)
-            spent[name] += t * number[name]
-    return {name: _summary(ts, number[name] * len(ts)) for name, ts in per_call.items()}
+            times, n, seconds = timers[name].measure()
+            per_call[name] += times
+            calls[name] += n
+            spent[name] += seconds
+    return {name: _summary(ts, calls[name]) for name, ts in per_call.items()}
 
 
 def rotating(fn: Callable[[int], object], copies: int) -> Callable[[], object]:

@@ -275,3 +275,25 @@ def test_comparisons_report_sign_noise_and_the_papers_difference():
     assert "within noise" in lines[3] or "mixed across seeds" in lines[3]
     spread = E.seed_spread(two)
     assert spread > 3
+
+
+def test_header_names_each_device_and_date_whole():
+    # a device's description has commas of its own ("cpu (x86_64, 2 threads)"): the header
+    # must list it whole, once, not split at them
+    spec = E.TABLES["table2"]
+    settings = E.table_settings("table2", quick=True)
+
+    def record(key, seed, device, date):
+        return {"config": key, "seed": seed, "errors": {d: 50.0 + seed for d in spec.domains},
+                "mean_error": 50.0 + seed, "parameters": 1000, "domain_specific_parameters": 10,
+                "permute_labels": None, "steps": 600, "train_seconds": 1.0, "wall_seconds": 2.0,
+                "device": device, "date": date}
+
+    cpu, gpu = "cpu (x86_64, 2 threads)", "cuda (NVIDIA H100 80GB HBM3)"
+    records = [record(c.key, s, cpu if s == 0 else gpu, f"2026-11-2{8 + s}") for c in spec.configs for s in (0, 1)]
+    rows = E.aggregate(spec, records)
+    text = E.render_markdown(spec, settings, rows, "quick", "python -m unirep.experiments table2 --quick", 4.0,
+                             seeds=[0, 1])
+    header = next(line for line in text.splitlines() if line.startswith("Command:"))
+    assert f"device: {cpu}; {gpu};" in header
+    assert "date: 2026-11-28; 2026-11-29;" in header

@@ -501,8 +501,9 @@ def aggregate(spec: TableSpec, records: Sequence[Mapping[str, Any]]) -> List[Dic
             "permute_labels": mine[0].get("permute_labels"), "steps": mine[0]["steps"],
             "train_seconds": sum(r.get("train_seconds") or 0.0 for r in mine),
             "wall_seconds": None if any(w is None for w in walls) else sum(walls),
-            "device": ", ".join(sorted({str(r["device"]) for r in mine})),
-            "date": ", ".join(sorted({str(r["date"]) for r in mine})),
+            # "; ": a device's own description contains commas
+            "device": "; ".join(sorted({str(r["device"]) for r in mine})),
+            "date": "; ".join(sorted({str(r["date"]) for r in mine})),
             "reused": all(r.get("reused") for r in mine)})
     return rows
 
@@ -619,14 +620,14 @@ def render_markdown(spec: TableSpec, settings: Mapping[str, Any], rows: Sequence
     seeds = list(seeds)
     base = next((r for r in rows if r["config"] == spec.baseline), None)
     test_sizes = {d: int(settings["test_per_domain"]) for d in domains}
-    devices = sorted({d for r in rows for d in str(r["device"]).split(", ")})
-    dates = sorted({d for r in rows for d in str(r["date"]).split(", ")})
+    devices = sorted({d for r in rows for d in str(r["device"]).split("; ")})
+    dates = sorted({d for r in rows for d in str(r["date"]).split("; ")})
     steps = int(settings["batches_per_domain"]) * len(domains)
     runs = sum(len(r["seeds"]) for r in rows)
     seed_text = f"seed {seeds[0]}" if len(seeds) == 1 else f"seeds {', '.join(map(str, seeds))} (mean over seeds)"
     lines = [f"# {spec.title}: ours on the built-in benchmark vs the paper", "",
-             f"Command: `{command}` ({mode} settings); device: {', '.join(devices)}; torch {torch.__version__}; "
-             f"date: {', '.join(dates)}; wall time of the {runs} runs (each measured when it ran: data loading, "
+             f"Command: `{command}` ({mode} settings); device: {'; '.join(devices)}; torch {torch.__version__}; "
+             f"date: {'; '.join(dates)}; wall time of the {runs} runs (each measured when it ran: data loading, "
              f"training, evaluation): {_total_wall(rows)}; this command: {wall:.0f} s "
              f"({sum(1 for r in rows if r.get('reused'))} of {len(rows)} configurations entirely reused from "
              f"earlier runs).", "",
