@@ -144,7 +144,7 @@ def bandwidth_shape(target_bytes: int) -> Shape:
     """x of ``target_bytes`` in every dtype: (N, 64, 64, 64) with N chosen per dtype."""
     c = h = w = 64
     per_sample = c * h * w
-    dtype_n = tuple((name, max(1, target_bytes // (per_sample * torch.empty((), dtype=dt).element_size())))
+    dtype_n = tuple((name, max(1, target_bytes // (per_sample * dt.itemsize)))
                     for name, dt in DTYPES.items())
     mib = target_bytes / MiB
     label = f"bw-{mib:.0f}MiB" if mib < 1024 else f"bw-{mib / 1024:.0f}GiB"
@@ -220,7 +220,7 @@ class Case:
 
     @property
     def x_bytes(self) -> int:
-        return self.numel * torch.empty((), dtype=self.torch_dtype).element_size()
+        return self.numel * self.torch_dtype.itemsize
 
     @property
     def is_main_config(self) -> bool:

@@ -98,7 +98,7 @@ class ImplementationFailed(Exception):
 
     def __init__(self, name: str, exc: BaseException) -> None:
         self.name = name
-        self.message = f"{type(exc).__name__}: {exc}".splitlines()[0][:400]
+        self.message = norm_impls.describe_error(exc)
         super().__init__(f"{name}: {self.message}")
 
 
@@ -241,10 +241,6 @@ reference.py (it is then not timed) or one of our backends raised.
 
 GPU: python benchmarks/norm_speed.py --device cuda --out DIR
 """
-
-
-def _csv(values) -> str:
-    return ",".join(str(v) for v in values)
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:

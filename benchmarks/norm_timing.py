@@ -28,7 +28,7 @@ from typing import Callable, Dict, List, Optional, Tuple
 import torch
 from torch.utils import benchmark
 
-MiB = 2**20
+from norm_cases import MiB
 IDLE_CORES = 0.25  # other processes' CPU use below which the machine counts as idle
 MAX_ATTEMPTS = 3  # measurements of one mode on a busy machine, with --wait-idle
 

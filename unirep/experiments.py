@@ -270,6 +270,12 @@ def table_settings(table: str, quick: bool, overrides: Optional[Mapping[str, Any
     return settings
 
 
+def check_seeds(seeds: Sequence[int]) -> None:
+    """Raise ``ValueError`` unless ``seeds`` is a non-empty list of distinct non-negative ints."""
+    if not seeds or len(set(seeds)) != len(seeds) or min(seeds) < 0:
+        raise ValueError(f"seeds must be distinct non-negative ints, got {list(seeds)}")
+
+
 def _spec(table: str) -> TableSpec:
     if table not in TABLES:
         raise ValueError(f"unknown table {table!r}; expected one of {list(TABLE_NAMES)}")
@@ -355,14 +361,13 @@ def _run_config(spec: TableSpec, config: Config, settings: Mapping[str, Any], ru
         if diff:
             raise ExperimentError(f"{run_dir} holds a finished run made with other settings "
                                   f"({'; '.join(diff)}); delete it or choose another --out")
+        print(f"{head}: finished earlier, reusing {eval_path}", file=sys.stderr, flush=True)
         if result_path.exists():
-            print(f"{head}: finished earlier, reusing {eval_path}", file=sys.stderr, flush=True)
             record = json.loads(result_path.read_text())
             record.setdefault("seed", report["config"]["seed"])
-            return dict(record, reused=True)
-        print(f"{head}: finished earlier, reusing {eval_path}", file=sys.stderr, flush=True)
-        record = _record(spec, config, report, device="unknown", wall=None)
-        result_path.write_text(json.dumps(record, indent=2) + "\n")
+        else:  # trained outside this command: record it now (its wall time is unknown)
+            record = _record(spec, config, report, device="unknown", wall=None)
+            result_path.write_text(json.dumps(record, indent=2) + "\n")
         return dict(record, reused=True)
     if ckpt_path.exists():
         saved = torch.load(ckpt_path, map_location="cpu", weights_only=False)
@@ -441,15 +446,14 @@ def run_table(table: str, quick: bool = False, out: str | Path = "runs/experimen
     spec = _spec(table)
     settings = table_settings(table, quick, overrides)
     seeds = [int(settings["seed"])] if seeds is None else [int(s) for s in seeds]
-    if not seeds or len(set(seeds)) != len(seeds) or min(seeds) < 0:
-        raise ValueError(f"seeds must be distinct non-negative ints, got {seeds}")
+    check_seeds(seeds)
     settings["seed"] = seeds[0]
     folder = Path(out) / spec.name
     t0 = time.perf_counter()
     if dry_run:
         from unirep import train as T
         for i, c in enumerate(spec.configs, 1):
-            argv = trainer_argv(spec, c, settings, folder / c.key)
+            argv = trainer_argv(spec, c, settings, folder / run_dir_name(c, seeds[0]))
             params, specific = count_model_parameters(T.parse_config(argv), _num_classes(spec.domains))
             print(f"[{i}/{len(spec.configs)}] {c.key}: {c.label}; {params:,} parameters "
                   f"({specific:,} domain-specific)\n    python -m unirep.train {' '.join(argv)}")
@@ -822,9 +826,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     overrides = dict(args.overrides)
     try:
         table_settings(args.table, args.quick, overrides)
-        if args.seeds is not None and (not args.seeds or len(set(args.seeds)) != len(args.seeds)
-                                       or min(args.seeds) < 0):
-            raise ValueError(f"--seeds must be distinct non-negative ints, got {args.seeds}")
+        if args.seeds is not None:
+            check_seeds(args.seeds)
     except ValueError as e:
         raise SystemExit(f"python -m unirep.experiments: {e}") from None
     command = "python -m unirep.experiments " + " ".join(sys.argv[1:] if argv is None else argv)

@@ -303,7 +303,7 @@ def _set_rng_state(st: Dict[str, Any]) -> None:
 
 
 def load_run(run_dir, device="cpu"):
-    """``(cfg, model, data, checkpoint)`` of a run directory (model in eval mode)."""
+    """``(cfg, model, checkpoint)`` of a run directory (model in eval mode)."""
     run = Path(run_dir)
     ckpt_path = run / CHECKPOINT if run.is_dir() else run
     ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=False)
