@@ -245,6 +245,10 @@ def test_dry_run_lists_configurations_and_parameters(capsys, tmp_path):
     out = capsys.readouterr().out
     assert out.count("python -m unirep.train") == 6 and "[6/6] deep-x4" in out
     assert not any(tmp_path.iterdir())  # nothing trained, nothing written
+    # the dry run names the directory the real run of that seed would use
+    E.main(["table2", "--quick", "--dry-run", "--seeds", "1", "--out", str(tmp_path)])
+    out = capsys.readouterr().out
+    assert f"--out {tmp_path / 'table2' / 'none-seed1'} " in out and "--seed 1 " in out
 
 
 def test_comparisons_report_sign_noise_and_the_papers_difference():
