@@ -142,8 +142,18 @@ def test_parameter_shapes_follow_strategy(strategy, layer, weight, moments):
     model = build_model(num_classes=[3, 5, 2], strategy=strategy, **SMALL)
     norms = _norms(model)
     assert norms and all(type(n) is layer for n in norms)
-    assert not any(isinstance(m, DomainScale2d) for m in model.modules())
-    assert len(norms) == 16 * 2 + 1  # two per unit + the final one
+    final = model.body[-1]
+    if layer is DomainInstanceNorm2d:
+        # no IN right before pooling (see resolve_final_norm): the final layer is the
+        # strategy's scale and bias alone
+        assert len(norms) == 16 * 2 and final.norm is None
+        assert final.affine.weight.shape == ((D, final.affine.weight.shape[-1]) if weight == "domain"
+                                             else (final.affine.weight.shape[-1],))
+        assert [type(m) for m in model.modules() if isinstance(m, DomainScale2d)] == (
+            [DomainScale2d] if weight == "domain" else [])
+    else:
+        assert not any(isinstance(m, DomainScale2d) for m in model.modules())
+        assert len(norms) == 16 * 2 + 1 and final.norm is norms[-1]  # two per unit + the final one
     for n in norms:
         C = n.num_features
         assert n.num_domains == D

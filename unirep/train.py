@@ -22,14 +22,14 @@ import signal
 import sys
 import time
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Dict, List, Mapping, Optional, Sequence
 
 import numpy as np
 import torch
 
 from . import distributed as udist
 
-__all__ = ["DEFAULTS", "PRESETS", "main", "parse_config", "lr_at", "build_data", "build_model_from_config",
+__all__ = ["DEFAULTS", "PRESETS", "main", "parse_config", "resolve_config", "load_checkpoint", "lr_at", "build_data", "build_model_from_config",
            "evaluate_model", "load_run", "Trainer"]
 
 CHECKPOINT = "checkpoint.pt"
@@ -38,9 +38,10 @@ CHECKPOINT = "checkpoint.pt"
 DEFAULTS: Dict[str, Any] = dict(
     data="builtin", domains=None, image_size=None, train_per_domain=None, test_per_domain=None,
     permute_labels=None, arch="resnet38", strategy="bn-domain", sharing="deep", width=1, widths=None, stem_width=16,
+    final_norm="auto",
     units_per_stage=None, augment=None, batching="round-robin", batch_size=None, steps=None, epochs=None,
     accumulate=1, lr=0.1, warmup_lr=0.01, warmup_steps=None, final_lr=1e-4, decay=None,
-    momentum=0.9, weight_decay=1e-4, seed=0, device="auto", backend="auto", out=None, resume=None,
+    momentum=0.9, weight_decay=1e-4, label_smoothing=0.0, seed=0, device="auto", backend="auto", out=None, resume=None,
     checkpoint_every=None, stop_at=None, eval_batch_size=256, progress=None, preset="fast", cache_dir=None,
 )
 
@@ -49,8 +50,8 @@ DEFAULTS: Dict[str, Any] = dict(
 #: to finish on a 2-core CPU in under 10 minutes; ``paper``: section 4.1 (ResNet-38, 64x64,
 #: four units per stage, pad-8 crop and flip augmentation).
 PRESETS: Dict[str, Dict[str, Any]] = {
-    "fast": dict(image_size=32, widths=[16, 32, 64, 128], units_per_stage=1, batch_size=64, steps=800,
-                 warmup_steps=40, checkpoint_every=200, augment=False, decay="cosine"),
+    "fast": dict(image_size=32, widths=[16, 32, 64, 128], units_per_stage=1, batch_size=64, steps=6000,
+                 warmup_steps=200, checkpoint_every=1000, augment=True, decay="cosine", label_smoothing=0.1),
     "paper": dict(image_size=64, widths=[32, 64, 128, 256], units_per_stage=4, batch_size=128, steps=40000,
                   warmup_steps=500, checkpoint_every=1000, augment=True, decay="exp"),
 }
@@ -102,6 +103,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--widths", type=_int_list, default=S,
                    help="resnet38 stage widths at x1, e.g. 32,64,128,256 (fast: 16,32,64,128; paper: 32,64,128,256)")
     g.add_argument("--stem-width", type=int, default=S, help="resnet38 stem filters at x1 (default 16)")
+    g.add_argument("--final-norm", default=S,
+                   help="resnet38: the layer before global pooling: auto (default: the strategy's norm for BN, "
+                        "scale and bias without normalization for IN; see docs/models.md), same (the strategy's "
+                        "norm), affine, relu, or a strategy name such as bn-domain")
     g.add_argument("--units-per-stage", type=int, default=S,
                    help="resnet38 residual units per stage (fast: 1, paper: 4 = ResNet-38)")
     g = p.add_argument_group("training")
@@ -132,6 +137,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "equal intervals) or cosine (fast preset)")
     g.add_argument("--momentum", type=float, default=S, help="SGD momentum (default 0.9)")
     g.add_argument("--weight-decay", type=float, default=S, help="SGD weight decay (default 1e-4)")
+    g.add_argument("--label-smoothing", type=float, default=S,
+                   help="label smoothing of the cross-entropy, over each domain's own classes (default 0)")
     g.add_argument("--seed", type=int, default=S, help="seeds the model and the batches (default 0)")
     g = p.add_argument_group("run")
     g.add_argument("--device", default=S, help="auto (default: cuda if available), cpu, cuda, cuda:N")
@@ -152,22 +159,30 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def parse_config(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
-    """Effective configuration: defaults < preset < saved run (``--resume``) < command line."""
-    given = vars(build_parser().parse_args(argv))
-    saved: Dict[str, Any] = {}
-    if "resume" in given:
-        run = given["resume"] if given["resume"] != "__out__" else given.get("out")
-        if run is None:
-            raise SystemExit("--resume needs a run directory (or --out)")
-        run = Path(run)
-        ckpt = run / CHECKPOINT if run.is_dir() else run
-        if not ckpt.exists():
-            raise SystemExit(f"--resume: no checkpoint at {ckpt}")
-        saved = dict(torch.load(ckpt, map_location="cpu", weights_only=False)["config"])
-        saved["out"] = str(ckpt.parent)
-        given["resume"] = str(ckpt)
+def checkpoint_path(run) -> Path:
+    """The checkpoint file of a run directory (or the file itself)."""
+    run = Path(run)
+    return run / CHECKPOINT if run.is_dir() else run
+
+
+def load_checkpoint(path) -> Dict[str, Any]:
+    """The checkpoint of a run directory (or checkpoint file), on the CPU."""
+    return torch.load(checkpoint_path(path), map_location="cpu", weights_only=False)
+
+
+def resolve_config(given: Mapping[str, Any], saved: Optional[Mapping[str, Any]] = None) -> Dict[str, Any]:
+    """Effective configuration: defaults < preset < ``saved`` (the configuration of the run
+    being resumed) < ``given`` (options named by the caller, as a dict of trainer option
+    names, e.g. ``{"steps": 400, "strategy": "in-universal"}``).
+
+    Raises ``ValueError`` for an unknown option name or preset."""
+    unknown = set(given) - set(DEFAULTS)
+    if unknown:
+        raise ValueError(f"unknown trainer options {sorted(unknown)}")
+    saved = dict(saved or {})
     preset = given.get("preset", saved.get("preset", DEFAULTS["preset"]))
+    if preset not in PRESETS:
+        raise ValueError(f"unknown preset {preset!r}; expected one of {sorted(PRESETS)}")
     cfg = dict(DEFAULTS)
     cfg.update(PRESETS[preset])
     cfg.update({k: v for k, v in saved.items() if k not in ("resume", "stop_at")})
@@ -176,10 +191,42 @@ def parse_config(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     if "data" in cfg and isinstance(cfg["data"], list) and cfg["data"] == ["builtin"]:
         cfg["data"] = "builtin"
     if cfg["steps"] is None and cfg["epochs"] is None:
-        raise SystemExit("need --steps or --epochs")
+        raise ValueError("need steps or epochs")
     if "epochs" in given and "steps" not in given:
         cfg["steps"] = None
     return cfg
+
+
+def read_command_line(argv: Optional[Sequence[str]] = None) -> tuple[Dict[str, Any], Optional[Path]]:
+    """``(options given on the command line, checkpoint to resume or None)``."""
+    given = vars(build_parser().parse_args(argv))
+    resume = None
+    if "resume" in given:
+        run = given["resume"] if given["resume"] != "__out__" else given.get("out")
+        if run is None:
+            raise SystemExit("--resume needs a run directory (or --out)")
+        resume = checkpoint_path(run)
+        if not resume.exists():
+            raise SystemExit(f"--resume: no checkpoint at {resume}")
+        given["resume"] = str(resume)
+    return given, resume
+
+
+def parse_config(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
+    """Effective configuration of a command line: defaults < preset < saved run
+    (``--resume``) < command line."""
+    given, resume = read_command_line(argv)
+    return _config_of(given, load_checkpoint(resume) if resume else None)
+
+
+def _config_of(given: Dict[str, Any], checkpoint: Optional[Mapping[str, Any]]) -> Dict[str, Any]:
+    saved = None
+    if checkpoint is not None:
+        saved = dict(checkpoint["config"], out=str(Path(given["resume"]).parent))
+    try:
+        return resolve_config(given, saved)
+    except ValueError as e:
+        raise SystemExit(str(e)) from None
 
 
 # ----------------------------------------------------------------------------- pieces
@@ -234,8 +281,9 @@ def build_model_from_config(cfg: Dict[str, Any], num_classes: Sequence[int]):
     from unirep.models import build_model
     kw: Dict[str, Any] = {}
     if cfg["arch"] == "resnet38":
+        # Runs saved before final_norm existed had the strategy's own norm there ("same").
         kw = dict(widths=tuple(cfg["widths"]), stem_width=int(cfg["stem_width"]),
-                  units_per_stage=int(cfg["units_per_stage"]))
+                  units_per_stage=int(cfg["units_per_stage"]), final_norm=cfg.get("final_norm", "same"))
     else:
         size = int(cfg["image_size"])
         kw = dict(input_sizes=[(size, size)] * len(num_classes))
@@ -252,16 +300,24 @@ def resolve_device(name: str, local_rank: int = 0) -> torch.device:
     return dev
 
 
+#: Training error is measured on this many training images per domain (a fixed random
+#: subset), enough to tell a fitted domain from an under-trained one at a fraction of a
+#: pass over the training split.
+TRAIN_EVAL_IMAGES = 1000
+
+
 @torch.no_grad()
-def evaluate_model(model, data, device, batch_size: int = 256) -> Dict[str, float]:
-    """Top-1 error (%) of every domain on its test split (whitened, no augmentation: the
-    central crop), in eval mode with each domain's own moments."""
+def evaluate_model(model, data, device, batch_size: int = 256, split: str = "test",
+                   limit: Optional[int] = None) -> Dict[str, float]:
+    """Top-1 error (%) of every domain on ``split`` (whitened, no augmentation: the
+    central crop), in eval mode with each domain's own moments; at most ``limit`` images
+    per domain (a fixed random subset)."""
     was = model.training
     model.eval()
     errors: Dict[str, float] = {}
     for d, name in enumerate(data.names):
         wrong = total = 0
-        for x, y, dom in data.eval_batches(d, batch_size, device=device):
+        for x, y, dom in data.eval_batches(d, batch_size, split=split, device=device, limit=limit):
             pred = model(x, dom).argmax(1)
             wrong += int((pred != y).sum())
             total += int(y.numel())
@@ -270,12 +326,28 @@ def evaluate_model(model, data, device, batch_size: int = 256) -> Dict[str, floa
     return errors
 
 
-def format_table(errors: Dict[str, float]) -> str:
+def chance_errors(data) -> Dict[str, float]:
+    """Top-1 error (%) of guessing uniformly at random, per domain: 100 (1 - 1/K)."""
+    return {name: 100.0 * (1.0 - 1.0 / k) for name, k in zip(data.names, data.num_classes)}
+
+
+def format_table(errors: Mapping[str, float], train_errors: Optional[Mapping[str, float]] = None,
+                 chance: Optional[Mapping[str, float]] = None) -> str:
+    """The per-domain top-1 error table (test; training error and chance level as further
+    columns when given) with the mean over domains as the last row."""
+    cols = [("test error (%)", errors)]
+    if train_errors:
+        cols.append(("train error (%)", train_errors))
+    if chance:
+        cols.append(("chance (%)", chance))
     w = max(len("domain"), max(len(n) for n in errors))
-    lines = [f"{'domain':<{w}}  top-1 error (%)", f"{'-' * w}  ---------------"]
-    lines += [f"{n:<{w}}  {e:15.2f}" for n, e in errors.items()]
-    mean = sum(errors.values()) / len(errors)
-    lines += [f"{'-' * w}  ---------------", f"{'mean':<{w}}  {mean:15.2f}"]
+    widths = [len(h) for h, _ in cols]
+    rule = f"{'-' * w}  " + "  ".join("-" * cw for cw in widths)
+    lines = [f"{'domain':<{w}}  " + "  ".join(h for h, _ in cols), rule]
+    for n in errors:
+        lines.append(f"{n:<{w}}  " + "  ".join(f"{v[n]:{cw}.2f}" for (_, v), cw in zip(cols, widths)))
+    means = [sum(v[n] for n in errors) / len(errors) for _, v in cols]
+    lines += [rule, f"{'mean':<{w}}  " + "  ".join(f"{m:{cw}.2f}" for m, cw in zip(means, widths))]
     return "\n".join(lines)
 
 
@@ -304,9 +376,7 @@ def _set_rng_state(st: Dict[str, Any]) -> None:
 
 def load_run(run_dir, device="cpu"):
     """``(cfg, model, checkpoint)`` of a run directory (model in eval mode)."""
-    run = Path(run_dir)
-    ckpt_path = run / CHECKPOINT if run.is_dir() else run
-    ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=False)
+    ckpt = load_checkpoint(run_dir)
     cfg = ckpt["config"]
     model = build_model_from_config(cfg, ckpt["data"]["num_classes"])
     model.load_state_dict(ckpt["model"])
@@ -341,7 +411,12 @@ class _Stop:
 
 
 class Trainer:
-    def __init__(self, cfg: Dict[str, Any]):
+    """One training run of a resolved configuration (:func:`resolve_config`).
+
+    ``checkpoint``: the already loaded checkpoint to continue from (else the one named by
+    ``cfg["resume"]``, if any, is loaded)."""
+
+    def __init__(self, cfg: Dict[str, Any], checkpoint: Optional[Mapping[str, Any]] = None):
         self.cfg = cfg
         self.rank, self.world, local = udist.init_distributed(
             "cuda" if resolve_device(cfg["device"]).type == "cuda" else "cpu")
@@ -384,8 +459,10 @@ class Trainer:
         self.out = Path(cfg["out"])
         self.step = 0
         self.elapsed = 0.0
-        if cfg.get("resume"):
-            self._load(cfg["resume"])
+        if checkpoint is None and cfg.get("resume"):
+            checkpoint = load_checkpoint(cfg["resume"])
+        if checkpoint is not None:
+            self._restore(checkpoint)
 
     # -- checkpoints
     def state(self) -> Dict[str, Any]:
@@ -400,8 +477,7 @@ class Trainer:
         if self.rank == 0:
             save_atomic(self.state(), self.out / CHECKPOINT)
 
-    def _load(self, path) -> None:
-        ck = torch.load(path, map_location="cpu", weights_only=False)
+    def _restore(self, ck: Mapping[str, Any]) -> None:
         self.model.load_state_dict(ck["model"])
         self.optimizer.load_state_dict(ck["optimizer"])
         _set_rng_state(ck["rng"])
@@ -426,7 +502,8 @@ class Trainer:
             if multi:
                 self.merger.restore(start)
             from unirep.models import masked_cross_entropy
-            loss = masked_cross_entropy(self.net(x, dom), y)
+            loss = masked_cross_entropy(self.net(x, dom), y,
+                                        label_smoothing=float(self.cfg.get("label_smoothing") or 0.0))
             (loss / len(self.loaders)).backward()
             c = torch.zeros(self.D, dtype=torch.float64)
             if isinstance(dom, int):
@@ -526,16 +603,24 @@ class Trainer:
         return errors
 
     def finish(self) -> Dict[str, float]:
-        errors = evaluate_model(self.model, self.data, self.device, int(self.cfg["eval_batch_size"]))
+        bs = int(self.cfg["eval_batch_size"])
+        errors = evaluate_model(self.model, self.data, self.device, bs)
+        train_errors = evaluate_model(self.model, self.data, self.device, bs, split="train",
+                                      limit=TRAIN_EVAL_IMAGES)
+        chance = chance_errors(self.data)
         mean = sum(errors.values()) / len(errors)
-        report = {"step": self.step, "errors": errors, "mean_error": mean, "train_seconds": self.elapsed,
+        report = {"step": self.step, "errors": errors, "mean_error": mean,
+                  "train_errors": train_errors, "mean_train_error": sum(train_errors.values()) / len(train_errors),
+                  "train_eval_images": TRAIN_EVAL_IMAGES,
+                  "chance_errors": chance, "mean_chance_error": sum(chance.values()) / len(chance),
+                  "train_seconds": self.elapsed,
                   "config": {k: v for k, v in self.cfg.items() if k != "resume"}, "world_size": self.world}
         (self.out / "eval.json").write_text(json.dumps(report, indent=2, default=str) + "\n")
         try:
-            plot_run(self.out, errors)
+            plot_run(self.out, report)
         except Exception as e:  # plots are a convenience: never lose a run over them
             print(f"warning: plotting failed: {e}", file=sys.stderr)
-        print(format_table(errors))
+        print(format_table(errors, train_errors, chance))
         return errors
 
     # -- metrics.csv (rows of steps beyond the resumed step are dropped)
@@ -556,52 +641,85 @@ class Trainer:
             self._metrics_fh.flush()
 
 
-def plot_run(run_dir, errors: Optional[Dict[str, float]] = None) -> None:
-    """``curves.png`` (loss and learning rate per step) and ``errors.png`` (per-domain
-    top-1 error) in ``run_dir``."""
+def plot_run(run_dir, report: Optional[Mapping[str, Any]] = None) -> None:
+    """``curves.png`` (training loss and learning rate per step) and ``errors.png``
+    (per-domain top-1 error on the test split, training error beside it, chance level
+    marked) in ``run_dir``; ``report``: the run's ``eval.json`` content (read from the run
+    directory when None; without one, only the curves are drawn).
+
+    The loss is smoothed over whole round-robin cycles (a multiple of D steps): a pure batch
+    of each domain in turn makes the raw per-step loss oscillate with the domains'
+    difficulties, and a cycle's mean is the mean over the domains."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     run = Path(run_dir)
+    if report is None and (run / "eval.json").exists():
+        report = json.loads((run / "eval.json").read_text())
     steps, lrs, losses = [], [], []
     with open(run / "metrics.csv", newline="") as fh:
         for r in csv.DictReader(fh):
             steps.append(int(r["step"]))
             lrs.append(float(r["lr"]))
             losses.append(float(r["loss"]))
+    cfg = (report or {}).get("config") or {}
+    num_domains = len((report or {}).get("errors") or {}) or 1
+    cycle = num_domains if cfg.get("batching", "round-robin") == "round-robin" else 1
     fig, ax = plt.subplots(1, 2, figsize=(10, 3.5))
-    ax[0].plot(steps, losses, lw=0.5, alpha=0.4, label="per step")
-    if len(losses) >= 20:
-        k = max(len(losses) // 50, 5)
+    ax[0].plot(steps, losses, lw=0.5, alpha=0.3, color="C0", label="per step")
+    k = cycle * max(1, round(len(losses) / (100 * cycle)))  # whole cycles, about 100 points
+    if len(losses) >= 2 * k and k > 1:
         sm = np.convolve(losses, np.ones(k) / k, mode="valid")
-        ax[0].plot(steps[k - 1:], sm, lw=1.5, label=f"mean of {k}")
+        what = f"mean of {k // cycle} round-robin cycle{'s' if k // cycle > 1 else ''} ({k} steps)" \
+            if cycle > 1 else f"mean of {k} steps"
+        ax[0].plot(steps[k - 1:], sm, lw=1.5, color="C1", label=what)
     ax[0].set_xlabel("step"), ax[0].set_ylabel("training loss"), ax[0].legend()
     ax[1].plot(steps, lrs)
     ax[1].set_yscale("log"), ax[1].set_xlabel("step"), ax[1].set_ylabel("learning rate")
     fig.tight_layout()
     fig.savefig(run / "curves.png", dpi=100)
     plt.close(fig)
-    if errors:
-        fig, ax = plt.subplots(figsize=(1.0 + 0.8 * len(errors), 3.5))
-        names = list(errors) + ["mean"]
-        vals = list(errors.values()) + [sum(errors.values()) / len(errors)]
-        ax.bar(names, vals, color=["C0"] * len(errors) + ["C3"])
-        ax.set_ylabel("top-1 error (%)")
-        ax.tick_params(axis="x", rotation=45)
-        for i, v in enumerate(vals):
-            ax.text(i, v, f"{v:.1f}", ha="center", va="bottom", fontsize=8)
-        fig.tight_layout()
-        fig.savefig(run / "errors.png", dpi=100)
-        plt.close(fig)
+    errors = (report or {}).get("errors")
+    if not errors:
+        return
+    names = list(errors) + ["mean"]
+
+    def with_mean(values: Optional[Mapping[str, float]]) -> Optional[List[float]]:
+        if not values or any(n not in values for n in errors):
+            return None
+        v = [float(values[n]) for n in errors]
+        return v + [sum(v) / len(v)]
+
+    test, train, chance = with_mean(errors), with_mean(report.get("train_errors")), with_mean(report.get("chance_errors"))
+    x = np.arange(len(names))
+    w = 0.4 if train else 0.8
+    fig, ax = plt.subplots(figsize=(1.5 + 0.9 * len(names), 3.8))
+    ax.bar(x - (w / 2 if train else 0), test, w, color=["C0"] * len(errors) + ["C3"], label="test error")
+    for i, v in enumerate(test):
+        ax.text(i - (w / 2 if train else 0), v, f"{v:.1f}", ha="center", va="bottom", fontsize=7)
+    if train:
+        ax.bar(x + w / 2, train, w, color="C2", alpha=0.6, label="training error")
+    if chance:
+        ax.hlines(chance, x - 0.45, x + 0.45, colors="k", linestyles="--", lw=1, label="chance (1 - 1/K)")
+    ax.set_xticks(x, names, rotation=45, ha="right")
+    ax.set_ylabel("top-1 error (%)")
+    ax.set_ylim(0, 105)
+    ax.legend(fontsize=7, loc="upper left")
+    fig.tight_layout()
+    fig.savefig(run / "errors.png", dpi=100)
+    plt.close(fig)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    cfg = parse_config(argv)
+    given, resume = read_command_line(argv)
+    checkpoint = load_checkpoint(resume) if resume else None
+    cfg = _config_of(given, checkpoint)
     if cfg["out"] is None:
         cfg["out"] = str(Path("runs") / f"{cfg['strategy']}-{cfg['sharing']}-{time.strftime('%Y%m%d-%H%M%S')}")
     import unirep_kernels
     with unirep_kernels.use_backend(cfg["backend"]):
-        trainer = Trainer(cfg)
+        trainer = Trainer(cfg, checkpoint)
+        del checkpoint
         if trainer.rank == 0:
             print(f"run {trainer.out}: {len(trainer.data)} domains {trainer.data.names}, "
                   f"{trainer.total} steps x {trainer.slots} x {cfg['batch_size']} images "

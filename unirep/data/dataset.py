@@ -213,12 +213,14 @@ class MultiDomainData(Sequence):
         return BatchLoader(self, batch_size, **kwargs)
 
     def eval_batches(self, domain: int | str, batch_size: int, split: str = "test",
-                     device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32):
-        """Pure, whitened, un-augmented batches covering ``split`` of one domain in order:
-        yields ``(images, labels, domain_index)``."""
+                     device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
+                     limit: int | None = None):
+        """Pure, whitened, un-augmented batches covering ``split`` of one domain in order
+        (at most ``limit`` images: a fixed random subset): yields ``(images, labels,
+        domain_index)``."""
         from .loader import iter_eval
         d = domain if isinstance(domain, int) else self.index(domain)
-        return iter_eval(self, d, batch_size, split=split, device=device, dtype=dtype)
+        return iter_eval(self, d, batch_size, split=split, device=device, dtype=dtype, limit=limit)
 
     def __repr__(self) -> str:
         body = ",\n  ".join(repr(d) for d in self.domains)

@@ -2,9 +2,10 @@
 
 Images are stored as uint8 tensors ``[N, 3, S, S]``.  On the training device a batch is
 converted to float, whitened with its domain's per-channel mean/std (section 4.1 of the
-paper) and, for training, augmented: zero-padded by 8 pixels on every side (zero is the
-domain mean after whitening), a random ``S x S`` window is cropped and, except for digit
-and character domains, flipped horizontally with probability 1/2.  At test time the
+paper) and, for training, augmented: zero-padded on every side (8 pixels at 64x64, the
+paper's; the loader scales it with the image; zero is the domain mean after whitening), a
+random ``S x S`` window is cropped and, except for digit and character domains, flipped
+horizontally with probability 1/2.  At test time the
 central crop of the padded image is the image itself, so evaluation is whitening only.
 """
 

@@ -161,18 +161,84 @@ class PerDomain(nn.Module):
         return route(x, domain, [lambda xd, m=m: m(xd, 0) for m in self.copies])
 
 
-class GlobalPool(nn.Module):
-    """Final normalization + ReLU of a pre-activation network (ReLU only for strategy
-    ``"none"``), then global average pooling to (N, C)."""
+#: What normalizes the pre-activation network's last feature maps before global average
+#: pooling (``final_norm`` of :class:`ResNet38`): "auto" (the default: the strategy's own
+#: normalization for BN strategies, "affine" for IN strategies), "same" (the strategy's own
+#: normalization, whatever it is), "affine" (no normalization: the strategy's scale and bias,
+#: universal or per domain), "relu" (nothing: ReLU only), or any normalizing strategy name.
+FINAL_NORMS = ("auto", "same", "affine", "relu")
 
-    def __init__(self, channels: int, *, strategy: str, num_domains: int, backend: Optional[str] = None) -> None:
+
+def check_final_norm(final_norm: str) -> str:
+    if final_norm not in FINAL_NORMS and (final_norm not in STRATEGIES or final_norm == "none"):
+        raise ValueError(f"unknown final_norm {final_norm!r}; expected one of "
+                         f"{list(FINAL_NORMS) + sorted(k for k in STRATEGIES if k != 'none')}")
+    return final_norm
+
+
+def resolve_final_norm(strategy: str, final_norm: str = "auto") -> str:
+    """The layer that ends the network before pooling, for ``strategy``: a strategy name,
+    "affine" or "relu" (see :data:`FINAL_NORMS`).
+
+    Why "auto" leaves instance normalization out there: IN right before global average
+    pooling sets every channel of every image to mean 0 before its affine, so the pooled
+    feature of a channel no longer depends on how strongly the image activated it, only on
+    the shape of its spatial distribution after the ReLU. That removes the very statistic
+    global average pooling is there to read (see docs/models.md). BN does not: its moments
+    are the domain's, not the image's."""
+    check_final_norm(final_norm)
+    if strategy == "none":
+        return "relu"
+    if final_norm == "same":
+        return strategy
+    if final_norm == "auto":
+        return "affine" if STRATEGIES[strategy][0] == "in" else strategy
+    return final_norm
+
+
+class ChannelAffine(nn.Module):
+    """y = s * x + b with one (s, b) per channel, shared by every domain (the universal
+    counterpart of :class:`~unirep_kernels.DomainScale2d`)."""
+
+    def __init__(self, channels: int) -> None:
         super().__init__()
-        self.norm = None if strategy == "none" else make_norm(strategy, channels, num_domains, relu=True,
-                                                             backend=backend)
+        self.weight = nn.Parameter(torch.ones(channels))
+        self.bias = nn.Parameter(torch.zeros(channels))
 
     def forward(self, x: Tensor, domain: Domain) -> Tensor:
-        x = F.relu(x) if self.norm is None else self.norm(x, domain)
+        return torch.addcmul(self.bias[:, None, None], x, self.weight[:, None, None])
+
+    def extra_repr(self) -> str:
+        return f"{self.weight.shape[0]}"
+
+
+class GlobalPool(nn.Module):
+    """The final layer of a pre-activation network, then global average pooling to (N, C):
+    normalization + ReLU (the strategy's by default, see :func:`resolve_final_norm`), the
+    strategy's scale and bias + ReLU (``"affine"``), or a ReLU alone (``"relu"``, and always
+    for strategy ``"none"``)."""
+
+    def __init__(self, channels: int, *, strategy: str, num_domains: int, backend: Optional[str] = None,
+                 final_norm: str = "auto") -> None:
+        super().__init__()
+        self.kind = resolve_final_norm(strategy, final_norm)
+        self.norm: Optional[nn.Module] = None
+        self.affine: Optional[nn.Module] = None
+        if self.kind == "affine":
+            scale = STRATEGIES[strategy][1]
+            self.affine = DomainScale2d(channels, num_domains) if scale == "domain" else ChannelAffine(channels)
+        elif self.kind != "relu":
+            self.norm = make_norm(self.kind, channels, num_domains, relu=True, backend=backend)
+
+    def forward(self, x: Tensor, domain: Domain) -> Tensor:
+        if self.norm is not None:
+            x = self.norm(x, domain)
+        else:
+            x = F.relu(x if self.affine is None else self.affine(x, domain))
         return x.mean(dim=(2, 3))
+
+    def extra_repr(self) -> str:
+        return f"final={self.kind!r}"
 
 
 # --------------------------------------------------------------------------------------

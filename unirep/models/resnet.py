@@ -36,7 +36,7 @@ from torch import Tensor, nn
 from unirep_kernels import DomainScale2d
 
 from .common import (Domain, DomainHeads, DomainSequential, GlobalPool, PerDomain, SharedHead, check_domain,
-                     check_input, check_num_classes, check_strategy, init_weights, make_norm)
+                     check_final_norm, check_input, check_num_classes, check_strategy, init_weights, make_norm)
 
 #: Per-stage filters at width x1: the paper's x2 and x4 lists ({64,128,256,512},
 #: {128,256,512,1024}) are exactly twice and four times this one (see docs/models.md).
@@ -142,10 +142,12 @@ class ResNet38(nn.Module):
 
     def __init__(self, num_classes: Sequence[int], strategy: str = "bn-domain", sharing: str = "deep",
                  width: int = 1, widths: Sequence[int] = DEFAULT_WIDTHS, stem_width: int = DEFAULT_STEM_WIDTH,
-                 units_per_stage: int = 4, in_channels: int = 3, backend: Optional[str] = None) -> None:
+                 units_per_stage: int = 4, in_channels: int = 3, backend: Optional[str] = None,
+                 final_norm: str = "auto") -> None:
         super().__init__()
         self.num_classes: List[int] = check_num_classes(num_classes)
         self.strategy = check_strategy(strategy)
+        self.final_norm = check_final_norm(final_norm)
         if sharing not in SHARINGS:
             raise ValueError(f"unknown sharing {sharing!r}; expected one of {list(SHARINGS)}")
         if isinstance(width, bool) or width not in WIDTH_MULTIPLIERS:
@@ -176,7 +178,7 @@ class ResNet38(nn.Module):
             return make_stage(cin, self.widths[i], 1 if i == 0 else 2, units_per_stage, num_domains=nd, **opts)
 
         def final(nd):
-            return GlobalPool(self.widths[-1], num_domains=nd, **opts)
+            return GlobalPool(self.widths[-1], num_domains=nd, final_norm=final_norm, **opts)
 
         def whole(nd):
             return DomainSequential([stem(nd)] + [stage(i, nd) for i in range(4)] + [final(nd)])
@@ -217,7 +219,8 @@ class ResNet38(nn.Module):
 
     def extra_repr(self) -> str:
         return (f"num_classes={self.num_classes}, strategy={self.strategy!r}, sharing={self.sharing!r}, "
-                f"width=x{self.width}, widths={self.widths}, stem_width={self.stem_width}")
+                f"width=x{self.width}, widths={self.widths}, stem_width={self.stem_width}, "
+                f"final_norm={self.final_norm!r}")
 
 
 def _class_mask(num_classes: Sequence[int], domain: Domain):
