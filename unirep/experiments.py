@@ -43,6 +43,9 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import torch
 
+from . import _cli
+from ._checkpoint import read_checkpoint
+
 __all__ = ["ExperimentError", "TABLES", "TABLE_NAMES", "QUICK_SETTINGS", "FULL_SETTINGS", "PAPER_TABLE2",
            "PAPER_TABLE3", "PAPER_TABLE4", "ANALOGUES", "Config", "TableSpec", "table_settings", "trainer_argv",
            "run_table", "run_dir_name", "aggregate", "comparisons", "seed_spread", "render_markdown", "write_csv", "plot_table",
@@ -370,7 +373,7 @@ def _run_config(spec: TableSpec, config: Config, settings: Mapping[str, Any], ru
             result_path.write_text(json.dumps(record, indent=2) + "\n")
         return dict(record, reused=True)
     if ckpt_path.exists():
-        saved = torch.load(ckpt_path, map_location="cpu", weights_only=False)
+        saved = read_checkpoint(ckpt_path)
         diff = _config_differences(intended, saved["config"])
         if diff:
             raise ExperimentError(f"{run_dir} holds a checkpoint made with other settings "
@@ -795,7 +798,7 @@ def _seed_list(text: str) -> List[int]:
 
 def build_parser() -> argparse.ArgumentParser:
     """The command line of ``python -m unirep.experiments``."""
-    p = argparse.ArgumentParser(
+    p = _cli.ArgumentParser(
         prog="python -m unirep.experiments",
         description="Reproduce the paper's Table 2 (full sharing), Table 3 (sharing, width) or Table 4 "
                     "(normalization) on the built-in benchmark: every configuration is a seeded run of "
@@ -841,4 +844,4 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(_cli.run(main, prog="python -m unirep.experiments"))
