@@ -1,5 +1,6 @@
 // Schemas of every op of unirep_kernels._C (one home for each op's signature), and the
-// device-generic update of running statistics.
+// device-generic update of running statistics: the one compiled home of that rule, used
+// by every compiled backend (cpp, cuda, triton); reference.update_running_stats is its oracle.
 //
 // Kernels: csrc/cpu/*_kernel.cpp (CPU), csrc/cuda/*.cu (CUDA, when built). Fake kernels and
 // autograd formulas are registered from Python in unirep_kernels/ops.py.
@@ -10,9 +11,12 @@ namespace unirep {
 namespace {
 
 // Running moments after one batch; see reference.update_running_stats for the rules. Pure
-// tensor arithmetic with no host synchronisation, so it serves every device.
+// tensor arithmetic with no host synchronisation, so it serves every device. Counts the
+// batch in num_batches_tracked (when given) last: the op consumes the forward's outputs, so
+// even in a compiled graph the count moves only after a forward that succeeded.
 void update_running_stats(at::Tensor& running_mean, at::Tensor& running_var, const at::Tensor& mean,
-                          const at::Tensor& var, const at::Tensor& count, double momentum) {
+                          const at::Tensor& var, const at::Tensor& count, double momentum,
+                          const std::optional<at::Tensor>& num_batches_tracked) {
   TORCH_CHECK(mean.dim() == 2 && var.sizes() == mean.sizes(), "update_running_stats: mean/var must be (G, C)");
   const int64_t D = count.numel();
   const int64_t C = mean.size(1);
@@ -53,6 +57,9 @@ void update_running_stats(at::Tensor& running_mean, at::Tensor& running_var, con
   }
   running_mean.copy_(new_mean);
   running_var.copy_(new_var);
+  if (num_batches_tracked.has_value()) {
+    num_batches_tracked->add_(1);
+  }
 }
 
 }  // namespace
@@ -75,7 +82,7 @@ TORCH_LIBRARY(unirep, m) {
       "-> (Tensor grad_x, Tensor grad_weight, Tensor grad_bias)");
   m.def(
       "update_running_stats(Tensor(a!) running_mean, Tensor(b!) running_var, Tensor mean, Tensor var, "
-      "Tensor count, float momentum) -> ()");
+      "Tensor count, float momentum, Tensor(c!)? num_batches_tracked=None) -> ()");
 }
 
 TORCH_LIBRARY_IMPL(unirep, CompositeExplicitAutograd, m) {

@@ -104,3 +104,58 @@ def test_missing_extension_falls_back_to_reference_and_warns_once():
     result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     assert "OK" in result.stdout
+
+
+@pytest.mark.skipif(not CPU_BACKENDS, reason="needs the compiled extension")
+def test_a_backend_is_one_entry_of_the_dispatch_table(monkeypatch):
+    """A new entry (here: the C++ kernels under another name) is all the ops need to run a
+    backend: checks, its compiled namespace, then the running-stat update."""
+    from dataclasses import replace
+
+    monkeypatch.setitem(backends_mod.BACKENDS, "mine", replace(backends_mod.BACKENDS["cpp"], name="mine", auto=()))
+    x, domain = torch.randn(6, 3, 4, 4), torch.tensor([0, 1, 0, 1, 1, 0])
+    stats = {name: (torch.zeros(2, 3), torch.ones(2, 3)) for name in ("mine", "reference")}
+    ys = {name: uk.domain_batch_norm(x, domain, None, None, *stats[name], num_domains=2, use_batch_stats=True,
+                                     backend=name) for name in stats}
+    torch.testing.assert_close(ys["mine"], ys["reference"], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(stats["mine"], stats["reference"], atol=1e-5, rtol=1e-5)
+    assert not torch.equal(stats["mine"][0], torch.zeros(2, 3))  # the update ran
+    assert uk.backends()["mine"] == uk.backends()["cpp"]
+    with pytest.raises(ValueError, match="backend 'mine' runs on cpu tensors, but x is on cuda"):
+        backends_mod.resolve_backend("mine", torch.device("cuda"))
+    assert backends_mod.resolve_backend("mine", torch.device("meta")) == "mine"  # shapes only: any backend
+
+
+def test_backend_resolution_needs_no_recompile_under_compile(monkeypatch):
+    """Everything the dispatch reads about the backends is fixed at import: the first
+    compiled call does not fill a module-level cache that the next call's guards see
+    changed (before: a recompile on the second call of a fresh process)."""
+    import torch._dynamo.testing
+
+    monkeypatch.setattr(backends_mod, "_status_cache", None, raising=False)  # as in a fresh process
+    torch._dynamo.reset()
+    counter = torch._dynamo.testing.CompileCounter()
+    layer = uk.DomainBatchNorm2d(4, 3)
+    compiled = torch.compile(layer, backend=counter, fullgraph=True)
+    x, domain = torch.randn(6, 4, 3, 3), torch.tensor([0, 1, 2, 0, 1, 2])
+    for step in range(3):
+        compiled(x + step, domain)
+    assert counter.frame_count == 1
+    assert int(layer.num_batches_tracked) == 3
+
+
+@pytest.mark.parametrize("value,expected", [("1", True), ("true", True), ("Yes", True), ("y", True), ("ON", True),
+                                            ("0", False), ("", False), ("no", False)])
+def test_one_triton_interpreting_helper(monkeypatch, value, expected):
+    """One test of TRITON_INTERPRET, read as triton reads it, used by the backend selection
+    and by the Triton kernels alike."""
+    monkeypatch.setenv("TRITON_INTERPRET", value)
+    monkeypatch.delitem(sys.modules, "triton", raising=False)  # before triton is imported: the variable
+    assert backends_mod.triton_interpreting() is expected
+    monkeypatch.undo()
+    pytest.importorskip("triton")
+    from unirep_kernels.triton import kernels
+
+    assert kernels.interpreting is backends_mod.triton_interpreting
+    monkeypatch.setenv("TRITON_INTERPRET", value)
+    assert backends_mod.triton_interpreting() is expected  # triton imported: its own setting

@@ -56,11 +56,11 @@ def test_device_mode_skips_only_the_value_check(restore_domain_check):
     but still checks everything that needs no data."""
     x = torch.randn(4, 3, 2, 2)
     bad = torch.tensor([0, 1, 2, 5])
-    assert _checks.check_domain("op", x, bad, 3, host_values=False) == (bad, -1)
-    with pytest.raises(ValueError, match="domain values must lie in"):
-        _checks.check_domain("op", x, bad, 3, host_values=True)
-    with pytest.raises(ValueError, match=r"domain tensor must have shape \(N,\)"):
-        _checks.check_domain("op", x, bad[:3], 3, host_values=False)
+    assert unirep_kernels.check_domain(bad, 3, x, where="op", check_values=False) is bad
+    with pytest.raises(ValueError, match="op: domain values must lie in"):
+        unirep_kernels.check_domain(bad, 3, x, where="op", check_values=True)
+    with pytest.raises(ValueError, match=r"op: domain tensor must be int64 with shape \(N,\) = \(4,\)"):
+        unirep_kernels.check_domain(bad[:3], 3, x, where="op", check_values=False)
     # CPU tensors are checked on the host whatever the mode.
     unirep_kernels.set_domain_check("device")
     with pytest.raises(ValueError, match="domain values must lie in"):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sys
 import warnings
 
 import pytest
@@ -132,3 +133,44 @@ def test_image_size_sizes_and_env(tmp_path, monkeypatch):
         builtin_benchmark(tmp_path, domains=["mnist"])
     with pytest.raises(ValueError, match="positive"):
         builtin_benchmark(tmp_path, train_per_domain=0, domains=["digits"])
+
+
+def test_cache_dir_expands_home_and_environment_variables(tmp_path, monkeypatch):
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.setenv("UNIREP_CACHE_DIR", "~/env-cache")
+    builtin_domain("pedestrians", None, train_per_domain=4, test_per_domain=2, progress=False)
+    builtin_domain("pedestrians", "$HOME/arg-cache", train_per_domain=4, test_per_domain=2, progress=False)
+    assert (tmp_path / "env-cache").is_dir() and (tmp_path / "arg-cache").is_dir()
+
+
+def test_progress_off_a_terminal_is_a_line_every_interval(monkeypatch, capsys):
+    """A pipe or a log file gets plain lines (never the bar's carriage returns), at most one
+    every INTERVAL seconds after the first `delay` seconds, and one when done."""
+    from unirep import _progress
+
+    now = [0.0]
+    monkeypatch.setattr(_progress, "_now", lambda: now[0])
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: False, raising=False)
+    bar = _progress.progress_bar(total=100, desc="generating", unit="img")
+    for step in range(100):  # one image a second
+        now[0] = float(step + 1)
+        bar.set_postfix_str("digits")
+        bar.update(1)
+    bar.close()
+    lines = capsys.readouterr().err.splitlines()
+    assert lines == ["generating: 2/100 img (digits)", "generating: 32/100 img (digits)",
+                     "generating: 62/100 img (digits)", "generating: 92/100 img (digits)",
+                     "generating: done, 100 img in 100 s (digits)"]
+    quick = _progress.progress_bar(range(5), desc="decoding", unit="img")  # under `delay`: silent
+    assert list(quick) == list(range(5)) and capsys.readouterr().err == ""
+    assert list(_progress.progress_bar(range(3), desc="x", unit="img", enabled=False)) == [0, 1, 2]
+
+
+def test_builtin_generation_writes_no_carriage_returns_to_a_pipe(tmp_path, monkeypatch, capfd):
+    from unirep import _progress
+
+    clock = iter(range(0, 10 ** 6, 7))  # every read of the clock: 7 s later
+    monkeypatch.setattr(_progress, "_now", lambda: float(next(clock)))
+    builtin_benchmark(tmp_path, train_per_domain=6, test_per_domain=2, domains=["digits", "pedestrians"])
+    err = capfd.readouterr().err
+    assert "\r" not in err and "generating built-in benchmark: " in err

@@ -270,3 +270,17 @@ def test_loaded_dataset_whitening_stats(tmp_path):
     w = ds.whiten(ds.train[0]).double()
     assert torch.allclose(w.mean(dim=(0, 2, 3)), torch.zeros(3, dtype=torch.float64), atol=1e-4)
     assert torch.allclose(w.std(dim=(0, 2, 3), unbiased=False), torch.ones(3, dtype=torch.float64), atol=1e-3)
+
+
+def test_paths_expand_home_and_environment_variables(tmp_path, monkeypatch):
+    """The docs' own `load_dataset("~/data/mnist")` (and `$DATA/mnist`) work."""
+    write_mnist(tmp_path / "data" / "mnist")
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.setenv("DATA", str(tmp_path / "data"))
+    expected = load_dataset(tmp_path / "data" / "mnist", image_size=8)
+    for spelling in ("~/data/mnist", "$DATA/mnist", "${DATA}/mnist"):
+        assert detect_format(spelling) == "mnist"
+        ds = load_dataset(spelling, image_size=8)
+        assert torch.equal(ds.train[0], expected.train[0]) and ds.name == "mnist"
+    with pytest.raises(DataFormatError, match=f"{tmp_path}/data/nothing: dataset path not found"):
+        load_dataset("~/data/nothing")

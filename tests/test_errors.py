@@ -3,6 +3,9 @@ backend, and a failing call writes nothing to the running stats."""
 
 from __future__ import annotations
 
+import re
+
+import numpy as np
 import pytest
 import torch
 
@@ -27,10 +30,15 @@ BAD_BATCH_NORM = [  # (change to the good inputs, extra kwargs, pattern the mess
     (dict(domain=-1), {}, r"domain must lie in \[0, num_domains=3\)"),
     (dict(domain=torch.tensor([0, 1, 2, 0, 1, 3])), {}, r"domain values must lie in \[0, num_domains=3\), got 3"),
     (dict(domain=torch.tensor([0, 1, 2, 0, 1, -2])), {}, r"domain values must lie in .* got -2"),
-    (dict(domain=torch.tensor([0, 1, 2])), {}, r"domain tensor must have shape \(N,\)"),
-    (dict(domain=torch.tensor([0, 1, 2, 0, 1, 2], dtype=torch.int32)), {}, "domain tensor must have dtype torch.int64"),
-    (dict(domain=torch.zeros(6, 1, dtype=torch.long)), {}, r"domain tensor must have shape \(N,\)"),
-    (dict(domain=1.5), {}, "domain must be an int or an int64 tensor"),
+    (dict(domain=torch.tensor([0, 1, 2])), {}, r"domain tensor must be int64 with shape \(N,\) = \(6,\) on cpu .*; "
+     r"got shape \(3,\)"),
+    (dict(domain=torch.tensor([0, 1, 2, 0, 1, 2], dtype=torch.int32)), {},
+     r"domain tensor must be int64 with shape \(N,\) = \(6,\) on cpu .*; got dtype torch.int32"),
+    (dict(domain=torch.zeros(6, 1, dtype=torch.long)), {}, r"domain tensor must be int64 .*; got shape \(6, 1\)"),
+    (dict(domain=1.5), {}, r"domain must be an int in \[0, num_domains=3\) .* or an int64 tensor of shape \(N,\) "
+     r"= \(6,\) on cpu .*; got float"),
+    (dict(domain=True), {}, "domain must be an int .*; got a bool"),
+    (dict(domain=np.int64(3)), {}, r"domain must lie in \[0, num_domains=3\), got 3"),
     (dict(weight=torch.randn(D + 1, C)), {}, "weight must have shape"),
     (dict(bias=torch.randn(C + 1)), {}, "bias must have shape"),
     (dict(bias=torch.ones(D, C, dtype=torch.long)), {}, "bias must be a floating-point tensor"),
@@ -74,7 +82,7 @@ def test_good_inputs_are_accepted():
 def test_device_mismatch_is_reported(backend):
     meta = torch.tensor([0, 1, 2, 0, 1, 2], device="meta")
     args = _good()
-    with pytest.raises(ValueError, match="domain tensor is on meta"):
+    with pytest.raises(ValueError, match=r"domain tensor must be int64 .* on cpu \(x's device\); got device meta"):
         uk.domain_batch_norm(args["x"], meta, None, None, None, None, num_domains=D, use_batch_stats=True,
                              backend=backend)
     with pytest.raises(ValueError, match="weight is on meta"):
@@ -177,3 +185,58 @@ def test_double_backward_is_refused(backend):
     z = uk.domain_instance_norm(x, 0, None, None, num_domains=1, backend=backend)
     with pytest.raises(NotImplementedError, match="double backward"):
         torch.autograd.grad(z.square().sum(), x, create_graph=True)
+
+
+# One domain contract: unirep_kernels.check_domain behind the ops, the layers and the models.
+
+def _domain_callers():
+    from unirep.models import build_model
+
+    model = build_model(num_classes=[2, 3, 4], widths=(4, 4, 4, 4), stem_width=4, units_per_stage=1)
+    scale, bn = uk.DomainScale2d(3, D), uk.DomainBatchNorm2d(3, D)
+    return [("domain_batch_norm", lambda x, d: uk.domain_batch_norm(x, d, num_domains=D, use_batch_stats=True)),
+            ("domain_instance_norm", lambda x, d: uk.domain_instance_norm(x, d, num_domains=D)),
+            ("DomainScale2d", scale), ("ResNet38", model),
+            ("domain_batch_norm", bn),  # the layer reports the op it runs
+            ("unirep_kernels.domain", lambda x, d: uk.domain(d).__enter__())]
+
+
+@pytest.mark.parametrize("bad,pattern", [
+    (3, r"domain must lie in \[0, num_domains=3\), got 3"),
+    (np.int64(-1), r"domain must lie in \[0, num_domains=3\), got -1"),
+    (1.0, r"domain must be an int in \[0, num_domains=3\) \(a pure batch\) or an int64 tensor of shape \(N,\) = "
+          r"\(4,\) on cpu \(a mixed batch\); got float"),
+    (torch.tensor([0, 1, 2, 1], dtype=torch.int32),
+     r"domain tensor must be int64 with shape \(N,\) = \(4,\) on cpu \(x's device\); got dtype torch.int32"),
+    (torch.tensor([0, 1, 2]), r"domain tensor must be int64 with shape \(N,\) = \(4,\) on cpu \(x's device\); "
+                              r"got shape \(3,\)"),
+    (torch.tensor([0, 1, 2, 0], device="meta"),
+     r"domain tensor must be int64 .* on cpu \(x's device\); got device meta"),
+    (torch.tensor([0, 1, 2, 5]), r"domain values must lie in \[0, num_domains=3\), got 5"),
+])
+def test_one_domain_check_with_one_message_everywhere(bad, pattern):
+    x = torch.randn(4, 3, 4, 4)
+    checked_everywhere = 0
+    for where, call in _domain_callers():
+        if where == "unirep_kernels.domain" and not isinstance(bad, float):
+            continue  # the context checks the type only (it knows no x, no num_domains)
+        with pytest.raises((ValueError, TypeError)) as info:
+            call(x, bad)
+        message = str(info.value)
+        assert message.startswith(where + ": "), message
+        if where != "unirep_kernels.domain":
+            assert re.search(pattern, message), message
+            checked_everywhere += 1
+    assert checked_everywhere == 5
+
+
+@pytest.mark.parametrize("value", [np.int64(2), np.int32(2), np.uint8(2), 2])
+def test_numpy_integer_domains_are_pure_batches(value):
+    x = torch.randn(4, 3, 4, 4)
+    expected = uk.domain_batch_norm(x, 2, num_domains=D, use_batch_stats=True)
+    for _, call in _domain_callers()[:-1]:
+        call(x, value)  # accepted everywhere
+    torch.testing.assert_close(uk.domain_batch_norm(x, value, num_domains=D, use_batch_stats=True), expected)
+    with uk.domain(value):
+        assert uk.current_domain() == 2 and type(uk.current_domain()) is int
+    assert uk.check_domain(value, D) == 2 and type(uk.check_domain(value, D)) is int

@@ -3,6 +3,8 @@ context, convert_domain_norm and loading plain norm-layer state dicts."""
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -176,6 +178,45 @@ def test_convert_domain_norm_copies_everything_into_every_row():
     assert isinstance(top, uk.DomainBatchNorm2d)
 
 
+def test_convert_domain_norm_converts_sync_batch_norm_for_the_trainers_merging():
+    """SyncBatchNorm becomes DomainBatchNorm2d (weights and moments in every row), whose
+    running moments the trainer's StatsMerger merges across ranks after each step."""
+    from unirep import distributed as udist
+
+    torch.manual_seed(7)
+    net = nn.Sequential(nn.Conv2d(3, 4, 3), nn.SyncBatchNorm(4, momentum=0.2))
+    with torch.no_grad():
+        net[1].weight.normal_()
+        net[1].running_mean.normal_()
+        net[1].running_var.uniform_(0.5, 2)
+    x = torch.randn(4, 3, 6, 6)
+    expected = net.eval()(x)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # nothing skipped, nothing to warn about
+        converted = uk.convert_domain_norm(net, 3)
+    layer = converted[1]
+    assert isinstance(layer, uk.DomainBatchNorm2d) and layer.momentum == 0.2 and layer.weight.shape == (3, 4)
+    for d in range(3):
+        with uk.domain(d):
+            torch.testing.assert_close(converted(x), expected, atol=1e-5, rtol=1e-5)
+    merged = {name for name, _, _ in udist.StatsMerger(converted, 3).entries}
+    assert merged == {"1.running_mean", "1.running_var"}
+
+
+def test_convert_domain_norm_warns_naming_each_layer_it_skips():
+    net = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4),
+                        nn.Sequential(nn.BatchNorm1d(4), nn.BatchNorm3d(4), nn.InstanceNorm1d(4, affine=True)),
+                        nn.InstanceNorm1d(4), nn.GroupNorm(2, 4), nn.LayerNorm(4))
+    with pytest.warns(UserWarning, match="convert_domain_norm: left 3 normalization layer") as caught:
+        converted = uk.convert_domain_norm(net, 2)
+    assert len(caught) == 1
+    message = str(caught[0].message)
+    for name in ("2.0 (BatchNorm1d)", "2.1 (BatchNorm3d)", "2.2 (InstanceNorm1d)"):
+        assert name in message, message
+    assert "GroupNorm" not in message and "LayerNorm" not in message  # per-sample: nothing domain-specific
+    assert isinstance(converted[1], uk.DomainBatchNorm2d) and isinstance(converted[2][0], nn.BatchNorm1d)
+
+
 def test_plain_batchnorm_state_dict_loads_into_every_domain_row():
     torch.manual_seed(6)
     plain = nn.BatchNorm2d(5)
@@ -245,5 +286,5 @@ def test_old_batchnorm_state_dict_without_num_batches_tracked_loads():
 
 
 def test_domain_scale_rejects_out_of_range_domain_tensor():
-    with pytest.raises(ValueError, match=r"domain values must lie in \[0, 2\)"):
+    with pytest.raises(ValueError, match=r"DomainScale2d: domain values must lie in \[0, num_domains=2\), got 2"):
         uk.DomainScale2d(3, 2)(torch.randn(2, 3, 2, 2), torch.tensor([0, 2]))

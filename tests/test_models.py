@@ -420,9 +420,9 @@ def test_clear_errors():
         build_model(num_classes=[2], widths=(8, 8, 8))
     model = build_model(num_classes=[3, 5], **SMALL)
     x = torch.randn(2, 3, 16, 16)
-    with pytest.raises(ValueError, match=r"domain must lie in \[0, 2\)"):
+    with pytest.raises(ValueError, match=r"ResNet38: domain must lie in \[0, num_domains=2\), got 2"):
         model(x, 2)
-    with pytest.raises(ValueError, match=r"domain must lie in \[0, 2\)"):
+    with pytest.raises(ValueError, match=r"ResNet38: domain must lie in \[0, num_domains=2\), got -1"):
         model(x, -1)
     with pytest.raises(ValueError, match="domain values must lie"):
         model(x, torch.tensor([0, 2]))

@@ -68,6 +68,9 @@ def test_opcheck_batch_norm(channels_last, use_batch_stats, mixed):
                           (grad_y, x.detach(), domain, pure, w.detach(), b.detach(), mean, var, count, 3,
                            use_batch_stats, True, 1e-5, True))
     torch.library.opcheck(torch.ops.unirep.update_running_stats, (rm.clone(), rv.clone(), mean, var, count, 0.1))
+    counter = torch.tensor(3)
+    torch.library.opcheck(torch.ops.unirep.update_running_stats,
+                          (rm.clone(), rv.clone(), mean, var, count, 0.1, counter))
 
 
 @pytest.mark.parametrize("channels_last", [False, True])
@@ -121,3 +124,23 @@ def test_torch_compile_fullgraph_matches_eager():
     assert not torch.equal(compiled_model.bn1.running_mean, torch.zeros_like(compiled_model.bn1.running_mean))
     eager.eval(), compiled_model.eval()
     torch.testing.assert_close(compiled(x, domain), eager(x, domain), atol=1e-5, rtol=1e-5)
+
+
+def test_compiled_layer_counts_only_calls_that_succeed():
+    """Under torch.compile the value checks are the kernels' own; a call they reject must
+    leave num_batches_tracked (not only the running stats) as it was. The count is part of
+    the running-stat update op, which consumes the forward's outputs, so no compiled
+    schedule can move it before the forward."""
+    torch.manual_seed(0)
+    bn = uk.DomainBatchNorm2d(4, 3, backend="cpp")
+    compiled = torch.compile(bn, dynamic=False)
+    x = torch.randn(6, 4, 1, 1)
+    compiled(x, torch.tensor([0, 1, 2, 0, 1, 2]))
+    assert int(bn.num_batches_tracked) == 1
+    before = {k: v.clone() for k, v in bn.state_dict().items()}
+    for bad, message in ((torch.tensor([0, 1, 2, 0, 1, 3]), "domain values must lie in"),
+                         (torch.tensor([0, 1, 2, 0, 1, 1]), "more than 1 value per channel")):
+        with pytest.raises((ValueError, RuntimeError), match=message):
+            compiled(x, bad)
+        for k, v in bn.state_dict().items():
+            assert torch.equal(v, before[k]), k

@@ -386,12 +386,14 @@ def test_backend_status_and_selection():
 
 
 def test_auto_on_cuda_prefers_cuda_then_triton(monkeypatch):
+    from dataclasses import replace
+
     cuda = torch.device("cuda")
-    status = dict(uk.backends())
-    monkeypatch.setattr(backends_mod, "_status_cache", dict(status, cuda=(False, "not built")))
-    monkeypatch.setattr(backends_mod, "_triton_status", lambda: (True, "test"))
+    table = backends_mod.BACKENDS
+    monkeypatch.setitem(table, "triton", replace(table["triton"], built=(True, "test")))
+    monkeypatch.setitem(table, "cuda", replace(table["cuda"], built=(False, "not built")))
     assert backends_mod.resolve_backend("auto", cuda) == "triton"
-    monkeypatch.setattr(backends_mod, "_status_cache", dict(status, cuda=(True, "built")))
+    monkeypatch.setitem(table, "cuda", replace(table["cuda"], built=(True, "built")))
     assert backends_mod.resolve_backend("auto", cuda) == "cuda"
 
 

@@ -4,23 +4,21 @@ Tables 2-4.  Uses the run's checkpoint and rebuilds its data from the saved conf
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 from pathlib import Path
 from typing import Optional, Sequence
 
-
+from . import _cli
 from .train import build_data, evaluate_model, format_table, load_run, resolve_device
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m unirep.evaluate",
-                                description="Per-domain top-1 error (%) of a run on the test split, and the mean.")
+    p = _cli.ArgumentParser(prog="python -m unirep.evaluate",
+                            description="Per-domain top-1 error (%) of a run on the test split, and the mean.")
     p.add_argument("run_dir", help="a run directory of python -m unirep.train (or its checkpoint.pt)")
-    p.add_argument("--device", default="auto", help="auto (default), cpu, cuda, cuda:N")
-    p.add_argument("--backend", default="auto", help="normalization kernels' backend (default auto)")
-    p.add_argument("--batch-size", type=int, default=256, help="evaluation batch size (default 256)")
+    _cli.add_run_options(p)
+    p.add_argument("--batch-size", type=_cli.positive_int, default=256, help="evaluation batch size (default 256)")
     p.add_argument("--json", action="store_true", help="print the result as JSON instead of a table")
     p.add_argument("--write", action="store_true", help="also (re)write RUN_DIR/eval.json")
     args = p.parse_args(argv)
@@ -47,4 +45,4 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(_cli.run(main))

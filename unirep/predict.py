@@ -3,32 +3,48 @@ files as images of one domain, in eval mode with that domain's moments.
 
 Each image is read with Pillow, converted to RGB (grey repeated on three channels), resized
 to the run's image size (bilinear, aspect ratio not kept, as in training) and whitened with
-the domain's training mean and std; the top classes are printed with their probabilities."""
+the domain's training mean and std; the top classes are printed with their probabilities.
+A file that cannot be read is reported on its own line (``error: <file>: <why>``, on
+stderr) and the others are still classified; the exit status is then 2."""
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
-from typing import List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
 
+from . import _cli
 from .train import load_run, resolve_device
 
 
-def load_images(paths: Sequence[str], size: int) -> torch.Tensor:
-    """uint8 ``[N, 3, size, size]`` images from files."""
+def load_image(path: str, size: int) -> torch.Tensor:
+    """uint8 ``[1, 3, size, size]`` image from a file; ``OSError``/``ValueError`` if it
+    cannot be read as an image."""
     from PIL import Image
     from unirep.data import resize_uint8
-    out = []
+    with Image.open(path) as im:
+        arr = np.asarray(im.convert("RGB"), dtype=np.uint8)
+    t = torch.from_numpy(arr.copy()).permute(2, 0, 1).unsqueeze(0).contiguous()
+    return resize_uint8(t, size)
+
+
+def load_images(paths: Sequence[str], size: int) -> Tuple[torch.Tensor, List[str], Dict[str, str]]:
+    """uint8 ``[N, 3, size, size]`` images of the files that could be read, their paths,
+    and ``{path: why}`` for those that could not (missing, unreadable, not an image)."""
+    images, good, bad = [], [], {}
     for p in paths:
-        with Image.open(p) as im:
-            arr = np.asarray(im.convert("RGB"), dtype=np.uint8)
-        t = torch.from_numpy(arr.copy()).permute(2, 0, 1).unsqueeze(0).contiguous()
-        out.append(resize_uint8(t, size))
-    return torch.cat(out)
+        try:
+            images.append(load_image(p, size))
+            good.append(p)
+        except OSError as exc:  # missing, unreadable, a folder; Pillow: not an image, truncated
+            bad[p] = f"{p}: {exc.strerror}" if exc.strerror else f"{p}: cannot read it as an image ({exc})"
+        except (ValueError, SyntaxError) as exc:  # Pillow: a damaged image
+            bad[p] = f"{p}: cannot read it as an image ({type(exc).__name__}: {exc})"
+    empty = torch.empty((0, 3, size, size), dtype=torch.uint8)
+    return (torch.cat(images) if images else empty), good, bad
 
 
 @torch.no_grad()
@@ -45,14 +61,13 @@ def predict(model, images: torch.Tensor, domain: int, mean: torch.Tensor, std: t
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m unirep.predict",
-                                description="Classify image files as images of one domain of a trained run.")
+    p = _cli.ArgumentParser(prog="python -m unirep.predict",
+                            description="Classify image files as images of one domain of a trained run.")
     p.add_argument("run_dir", help="a run directory of python -m unirep.train (or its checkpoint.pt)")
     p.add_argument("images", nargs="+", help="image files (anything Pillow reads)")
     p.add_argument("--domain", required=True, help="domain name (or index) the images come from")
-    p.add_argument("--top", type=int, default=1, help="classes to print per image (default 1)")
-    p.add_argument("--device", default="auto", help="auto (default), cpu, cuda, cuda:N")
-    p.add_argument("--backend", default="auto", help="normalization kernels' backend (default auto)")
+    p.add_argument("--top", type=_cli.positive_int, default=1, help="classes to print per image (default 1)")
+    _cli.add_run_options(p)
     p.add_argument("--json", action="store_true", help="print JSON lines instead of text")
     args = p.parse_args(argv)
     import unirep_kernels
@@ -66,12 +81,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         elif args.domain.isdigit() and int(args.domain) < len(names):
             d = int(args.domain)
         else:
-            raise SystemExit(f"unknown domain {args.domain!r}; the run has {names}")
-        images = load_images(args.images, int(meta["image_size"]))
-        probs = predict(model, images, d, meta["mean"][d], meta["std"][d], device)
+            raise _cli.CLIError("--domain", f"unknown domain {args.domain!r}; the run has {names}")
+        images, paths, bad = load_images(args.images, int(meta["image_size"]))
+        for why in bad.values():  # each on its own line; the good images are still classified
+            print(f"error: {why}", file=sys.stderr, flush=True)
+        probs = predict(model, images, d, meta["mean"][d], meta["std"][d], device) if paths else []
     classes = meta["classes"][d]
     k = max(1, min(args.top, len(classes)))
-    for path, pr in zip(args.images, probs):
+    for path, pr in zip(paths, probs):
         top = pr.topk(k)
         pairs = [(classes[int(i)], float(v)) for v, i in zip(top.values, top.indices)]
         if args.json:
@@ -79,8 +96,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                               "top": [{"class": c, "probability": v} for c, v in pairs]}))
         else:
             print(f"{path}\t" + "\t".join(f"{c} ({v:.3f})" for c, v in pairs))
-    return 0
+    return _cli.EXIT_USAGE if bad else 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(_cli.run(main))

@@ -27,12 +27,12 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence
 import numpy as np
 import torch
 
+from . import _cli
 from . import distributed as udist
+from ._checkpoint import CHECKPOINT, checkpoint_path, read_checkpoint
 
-__all__ = ["DEFAULTS", "PRESETS", "main", "parse_config", "resolve_config", "load_checkpoint", "lr_at", "build_data", "build_model_from_config",
-           "evaluate_model", "load_run", "Trainer"]
-
-CHECKPOINT = "checkpoint.pt"
+__all__ = ["DEFAULTS", "PRESETS", "main", "parse_config", "resolve_config", "load_checkpoint", "lr_at",
+           "warmup_steps", "build_data", "build_model_from_config", "evaluate_model", "load_run", "Trainer"]
 
 #: Options and their defaults (``None``: decided by the preset).
 DEFAULTS: Dict[str, Any] = dict(
@@ -66,7 +66,9 @@ def _str_list(s: str) -> List[str]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    from unirep.models import SHARINGS, STRATEGIES
+    from unirep_kernels.backends import NAMES as BACKENDS
+    p = _cli.ArgumentParser(
         prog="python -m unirep.train",
         description="Train a multi-domain network (Bilen & Vedaldi 2017, section 3.3): pure batches "
                     "visiting the domains round-robin, SGD momentum 0.9, weight decay 1e-4, warm-up at "
@@ -82,7 +84,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "PATH:FORMAT to force one)")
     g.add_argument("--domains", type=_str_list, default=S,
                    help="comma-separated domain names to use, in this order (default: all)")
-    g.add_argument("--image-size", type=int, default=S, help="image side (fast: 32, paper: 64)")
+    g.add_argument("--image-size", type=_cli.positive_int, default=S, help="image side (fast: 32, paper: 64)")
     g.add_argument("--train-per-domain", type=int, default=S,
                    help="built-in benchmark: training images per domain (default 2000)")
     g.add_argument("--test-per-domain", type=int, default=S,
@@ -94,10 +96,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "shared classifier, as for the paper's Table 2")
     g = p.add_argument_group("model")
     g.add_argument("--arch", choices=["resnet38", "alexnet", "vggm128"], default=S, help="default resnet38")
-    g.add_argument("--strategy", default=S,
+    g.add_argument("--strategy", choices=list(STRATEGIES), default=S,
                    help="normalization (Table 4): bn-universal, bn+, bn-domain-moments, bn-domain (default), "
                         "in-universal, in-domain, none")
-    g.add_argument("--sharing", default=S,
+    g.add_argument("--sharing", choices=list(SHARINGS), default=S,
                    help="none, deep (default), full, partial-first, partial-last (Table 3)")
     g.add_argument("--width", type=int, choices=[1, 2, 4], default=S, help="filter multiplier (default 1)")
     g.add_argument("--widths", type=_int_list, default=S,
@@ -121,16 +123,18 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--batching", choices=["round-robin", "mixed"], default=S,
                    help="round-robin pure batches (default, the paper) or mixed batches (every domain in "
                         "every batch)")
-    g.add_argument("--batch-size", type=int, default=S, help="images per batch per process (fast: 64, paper: 128)")
-    g.add_argument("--steps", type=int, default=S, help="optimizer steps (fast: 800, paper: 40000)")
-    g.add_argument("--epochs", type=float, default=S,
+    g.add_argument("--batch-size", type=_cli.positive_int, default=S, help="images per batch per process (fast: 64, paper: 128)")
+    g.add_argument("--steps", type=_cli.positive_int, default=S, help="optimizer steps (fast: 800, paper: 40000)")
+    g.add_argument("--epochs", type=_cli.positive_float, default=S,
                    help="instead of --steps: passes over the largest domain (round-robin) or every domain (mixed)")
-    g.add_argument("--accumulate", type=int, default=S,
+    g.add_argument("--accumulate", type=_cli.positive_int, default=S,
                    help="sub-batches per step on one process, gradients accumulated (simulates that many "
                         "ranks, the paper's domain-per-GPU regime); default 1")
     g.add_argument("--lr", type=float, default=S, help="peak learning rate after warm-up (default 0.1)")
     g.add_argument("--warmup-lr", type=float, default=S, help="warm-up learning rate (default 0.01)")
-    g.add_argument("--warmup-steps", type=int, default=S, help="warm-up steps (fast: 40, paper: 500)")
+    g.add_argument("--warmup-steps", type=_cli.non_negative_int, default=S,
+                   help="warm-up steps (fast: 40, paper: 500); a run no longer than its warm-up gets a "
+                        "twentieth of its steps instead, and says so")
     g.add_argument("--final-lr", type=float, default=S, help="learning rate at the last step (default 1e-4)")
     g.add_argument("--decay", choices=["exp", "step", "cosine"], default=S,
                    help="decay from --lr to --final-lr: exp (log-linear; paper preset), step (x0.1 at "
@@ -142,32 +146,27 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--seed", type=int, default=S, help="seeds the model and the batches (default 0)")
     g = p.add_argument_group("run")
     g.add_argument("--device", default=S, help="auto (default: cuda if available), cpu, cuda, cuda:N")
-    g.add_argument("--backend", default=S,
+    g.add_argument("--backend", choices=("auto",) + BACKENDS, default=S,
                    help="normalization kernels' backend: auto (default), reference, cpp, cuda, triton")
     g.add_argument("--out", default=S, help="run directory (default runs/<strategy>-<sharing>-<date-time>)")
     g.add_argument("--resume", nargs="?", const="__out__", default=S, metavar="RUN_DIR",
                    help="continue the run in RUN_DIR (default: --out) from its checkpoint, exactly; its "
                         "saved options apply unless given again (e.g. a larger --steps)")
-    g.add_argument("--checkpoint-every", type=int, default=S, help="steps between checkpoints (fast: 200, paper: 1000)")
-    g.add_argument("--stop-at", type=int, default=S,
+    g.add_argument("--checkpoint-every", type=_cli.non_negative_int, default=S, help="steps between checkpoints (fast: 200, paper: 1000)")
+    g.add_argument("--stop-at", type=_cli.positive_int, default=S,
                    help="checkpoint and stop after this step, as SIGTERM would (the schedule still spans "
                         "--steps); continue later with --resume, e.g. to fit a job time limit")
-    g.add_argument("--eval-batch-size", type=int, default=S, help="evaluation batch size (default 256)")
+    g.add_argument("--eval-batch-size", type=_cli.positive_int, default=S, help="evaluation batch size (default 256)")
     g.add_argument("--progress", dest="progress", action="store_true", default=S,
                    help="force the tqdm progress bar (default: when stderr is a terminal)")
     g.add_argument("--no-progress", dest="progress", action="store_false", default=S, help="no progress bar")
     return p
 
 
-def checkpoint_path(run) -> Path:
-    """The checkpoint file of a run directory (or the file itself)."""
-    run = Path(run)
-    return run / CHECKPOINT if run.is_dir() else run
-
-
 def load_checkpoint(path) -> Dict[str, Any]:
-    """The checkpoint of a run directory (or checkpoint file), on the CPU."""
-    return torch.load(checkpoint_path(path), map_location="cpu", weights_only=False)
+    """The checkpoint of a run directory (or checkpoint file), on the CPU; a
+    :class:`~unirep._checkpoint.CheckpointError` naming the file when it cannot be read."""
+    return read_checkpoint(path)
 
 
 def resolve_config(given: Mapping[str, Any], saved: Optional[Mapping[str, Any]] = None) -> Dict[str, Any]:
@@ -200,14 +199,13 @@ def resolve_config(given: Mapping[str, Any], saved: Optional[Mapping[str, Any]] 
 def read_command_line(argv: Optional[Sequence[str]] = None) -> tuple[Dict[str, Any], Optional[Path]]:
     """``(options given on the command line, checkpoint to resume or None)``."""
     given = vars(build_parser().parse_args(argv))
+    given.pop("debug", None)  # how errors are shown, not part of the run
     resume = None
     if "resume" in given:
         run = given["resume"] if given["resume"] != "__out__" else given.get("out")
         if run is None:
             raise SystemExit("--resume needs a run directory (or --out)")
         resume = checkpoint_path(run)
-        if not resume.exists():
-            raise SystemExit(f"--resume: no checkpoint at {resume}")
         given["resume"] = str(resume)
     return given, resume
 
@@ -234,7 +232,7 @@ def _config_of(given: Dict[str, Any], checkpoint: Optional[Mapping[str, Any]]) -
 def lr_at(step: int, cfg: Dict[str, Any], total: int) -> float:
     """Learning rate of ``step``: ``warmup_lr`` for ``warmup_steps`` steps, then ``lr``
     decayed to ``final_lr`` at the last step (a pure function of the step: nothing to save)."""
-    w = int(cfg["warmup_steps"])
+    w = warmup_steps(cfg, total)
     if step < w:
         return float(cfg["warmup_lr"])
     span = max(total - 1 - w, 1)
@@ -247,6 +245,14 @@ def lr_at(step: int, cfg: Dict[str, Any], total: int) -> float:
     n = max(round(math.log10(hi / lo)), 1)  # step: x0.1 at n equal intervals, ending at final_lr
     k = min(int(t * (n + 1)), n)
     return hi * 0.1 ** k
+
+
+def warmup_steps(cfg: Dict[str, Any], total: int) -> int:
+    """The warm-up of a run of ``total`` steps: ``cfg["warmup_steps"]``, or a twentieth of
+    the run (the fast preset's share) when the run is no longer than that, which would
+    otherwise never leave the warm-up learning rate."""
+    w = int(cfg["warmup_steps"])
+    return w if w < total else total // 20
 
 
 def build_data(cfg: Dict[str, Any]):
@@ -294,7 +300,12 @@ def build_model_from_config(cfg: Dict[str, Any], num_classes: Sequence[int]):
 def resolve_device(name: str, local_rank: int = 0) -> torch.device:
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
-    dev = torch.device(name)
+    try:
+        dev = torch.device(name)
+    except RuntimeError:
+        raise _cli.CLIError("--device", f"expected auto, cpu, cuda or cuda:N, got {name!r}") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise _cli.CLIError("--device", f"{name} asked for, but torch sees no CUDA device")
     if dev.type == "cuda" and dev.index is None:
         dev = torch.device("cuda", local_rank)
     return dev
@@ -724,6 +735,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             print(f"run {trainer.out}: {len(trainer.data)} domains {trainer.data.names}, "
                   f"{trainer.total} steps x {trainer.slots} x {cfg['batch_size']} images "
                   f"({cfg['batching']}), device {trainer.device}", file=sys.stderr, flush=True)
+            if cfg.get("resume"):
+                print(f"resumed from {cfg['resume']} at step {trainer.step} of {trainer.total}", file=sys.stderr,
+                      flush=True)
+            warmup = warmup_steps(cfg, trainer.total)
+            if warmup != int(cfg["warmup_steps"]):
+                print(f"warning: the run ({trainer.total} steps) is no longer than its warm-up "
+                      f"({cfg['warmup_steps']} steps): warming up for {warmup} steps instead", file=sys.stderr,
+                      flush=True)
         errors = trainer.run()
     if udist.is_distributed():
         torch.distributed.destroy_process_group()
@@ -733,4 +752,4 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(_cli.run(main))

@@ -1,9 +1,11 @@
 """Input validation shared by every backend: clear Python exceptions naming the argument.
 
 Checks of shapes, dtypes and devices always run. Checks of values (domain indices in
-range, more than one value per channel in every stat group) need the data, so they run in
-eager mode only; under ``torch.compile`` the kernels make the same checks themselves. All
-checks happen before anything is written, so a failing call leaves running stats intact.
+range, more than one value per channel in every stat group) and of memory addresses need
+real data, so they run only on tensors that have it (:func:`has_data`): not on meta or
+fake tensors, and not under ``torch.compile``, where the kernels make the value checks
+themselves. All checks happen before anything is written, so a failing call leaves
+running stats intact.
 
 On CUDA tensors a value check costs a host synchronisation per call. The "cuda" backend
 validates the indices on the device instead (a device-side assert), so by default
@@ -12,17 +14,19 @@ validates the indices on the device instead (a device-side assert), so by defaul
 
 from __future__ import annotations
 
+import numbers
 import os
 from typing import Optional, Tuple, Union
 
 import torch
 from torch import Tensor
+from torch._subclasses.fake_tensor import is_fake
 
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
-
-def _is_compiling() -> bool:
-    return torch.compiler.is_compiling()
+#: A domain argument: an int (a pure batch: every sample is from that domain) or an int64
+#: tensor of shape (N,) (a mixed batch: one domain per sample). See :func:`check_domain`.
+Domain = Union[int, Tensor]
 
 
 DOMAIN_CHECK_MODES = ("device", "host")
@@ -78,32 +82,80 @@ def check_x(op: str, x: Tensor) -> None:
         raise ValueError(f"{op}: x must not be empty, got shape {tuple(x.shape)}")
 
 
-def check_domain(op: str, x: Tensor, domain: Union[int, Tensor], num_domains: int,
-                 host_values: bool = True) -> Tuple[Optional[Tensor], int]:
-    """Returns (domain tensor or None, pure domain or -1): the two forms the kernels take.
-    ``host_values=False`` leaves the values of a domain tensor to the kernels."""
-    if isinstance(num_domains, bool) or not isinstance(num_domains, int) or num_domains < 1:
-        raise ValueError(f"{op}: num_domains must be a positive int, got {num_domains!r}")
+def has_data(t: Tensor) -> bool:
+    """Whether ``t``'s values can be read: not a meta tensor, not a fake tensor
+    (``FakeTensorMode``, ``torch.export``), and not while ``torch.compile`` traces. Checks
+    that need values (domain range, group sizes) or addresses (memory overlap) run only on
+    such tensors; everything else (shapes, dtypes, devices) is checked on any tensor."""
+    if torch.compiler.is_compiling() or t.device.type == "meta":
+        return False
+    return not is_fake(t)
+
+
+def _expected_domain(x: Optional[Tensor], num_domains: Optional[int]) -> str:
+    """What a domain argument may be, for error messages."""
+    pure = "an int" if num_domains is None else f"an int in [0, num_domains={num_domains})"
+    if x is None:
+        return f"{pure} (a pure batch) or an int64 tensor of shape (N,) (a mixed batch)"
+    return f"{pure} (a pure batch) or an int64 tensor of shape (N,) = ({x.shape[0]},) on {x.device} (a mixed batch)"
+
+
+def check_domain(domain: Domain, num_domains: Optional[int] = None, x: Optional[Tensor] = None, *,
+                 where: str = "domain", check_values: Optional[bool] = None) -> Domain:
+    """Validate a domain argument; returns it as a Python int (pure batch) or an int64
+    tensor (mixed batch). The one check of a domain argument, used by the functional ops,
+    the layers and :mod:`unirep.models`.
+
+    Args:
+        domain: a Python or numpy integer (every sample is from that domain) or an int64
+            tensor of shape (N,) on x's device (one domain per sample).
+        num_domains: the valid range is [0, num_domains); None checks the type only.
+        x: the batch the domain goes with (its N and device); None skips those checks.
+        where: the caller, the prefix of every message ("domain_batch_norm", "ResNet38").
+        check_values: whether the values of a domain tensor are checked (a host
+            synchronisation on CUDA). None follows :func:`set_domain_check` (checked unless
+            the tensor is on CUDA in "device" mode, where the kernels check them). Never
+            checked on tensors without data (meta, fake, while torch.compile traces).
+
+    Raises:
+        TypeError: not an integer or a tensor, a bool, a tensor of another dtype.
+        ValueError: out of range, wrong shape, wrong device. Every message names the
+            argument, what was expected and what it got.
+    """
+    if num_domains is not None and (isinstance(num_domains, bool) or not isinstance(num_domains, numbers.Integral)
+                                    or num_domains < 1):
+        raise ValueError(f"{where}: num_domains must be a positive int, got {num_domains!r}")
     if isinstance(domain, bool):
-        raise TypeError(f"{op}: domain must be an int or an int64 tensor, got bool")
-    if isinstance(domain, int):
-        if not 0 <= domain < num_domains:
-            raise ValueError(f"{op}: domain must lie in [0, num_domains={num_domains}), got {domain}")
-        return None, domain
+        raise TypeError(f"{where}: domain must be {_expected_domain(x, num_domains)}; got a bool")
+    if isinstance(domain, numbers.Integral):  # int and numpy integers
+        domain = int(domain)
+        if num_domains is not None and not 0 <= domain < num_domains:
+            raise ValueError(f"{where}: domain must lie in [0, num_domains={num_domains}), got {domain}")
+        return domain
     if not isinstance(domain, Tensor):
-        raise TypeError(f"{op}: domain must be an int or an int64 tensor of shape (N,), got {type(domain).__name__}")
+        raise TypeError(f"{where}: domain must be {_expected_domain(x, num_domains)}; got {type(domain).__name__}")
+    expected = "int64 with shape (N,)"
+    if x is not None:
+        expected += f" = ({x.shape[0]},) on {x.device} (x's device)"
     if domain.dtype != torch.int64:
-        raise TypeError(f"{op}: domain tensor must have dtype torch.int64, got {domain.dtype}")
-    if domain.dim() != 1 or domain.shape[0] != x.shape[0]:
-        raise ValueError(f"{op}: domain tensor must have shape (N,) = ({x.shape[0]},), got {tuple(domain.shape)}")
-    if domain.device != x.device:
-        raise ValueError(f"{op}: domain tensor is on {domain.device} but x is on {x.device}")
-    if host_values and not _is_compiling():
+        raise TypeError(f"{where}: domain tensor must be {expected}; got dtype {domain.dtype}")
+    if domain.dim() != 1 or (x is not None and domain.shape[0] != x.shape[0]):
+        raise ValueError(f"{where}: domain tensor must be {expected}; got shape {tuple(domain.shape)}")
+    if x is not None and domain.device != x.device:
+        raise ValueError(f"{where}: domain tensor must be {expected}; got device {domain.device}")
+    if check_values is None:
+        check_values = not (domain.device.type == "cuda" and domain_check_mode() == "device")
+    if num_domains is not None and check_values and domain.numel() and has_data(domain):
         low, high = int(domain.min()), int(domain.max())
         if low < 0 or high >= num_domains:
-            bad = low if low < 0 else high
-            raise ValueError(f"{op}: domain values must lie in [0, num_domains={num_domains}), got {bad}")
-    return domain, -1
+            raise ValueError(f"{where}: domain values must lie in [0, num_domains={num_domains}), "
+                             f"got {low if low < 0 else high}")
+    return domain
+
+
+def split_domain(domain: Domain) -> Tuple[Optional[Tensor], int]:
+    """The two forms the compiled ops take: (domain tensor or None, pure domain or -1)."""
+    return (None, domain) if isinstance(domain, int) else (domain, -1)
 
 
 def check_param(op: str, name: str, p: Optional[Tensor], x: Tensor, num_domains: int) -> None:
@@ -124,10 +176,11 @@ def check_param(op: str, name: str, p: Optional[Tensor], x: Tensor, num_domains:
 
 def check_batch_norm(x: Tensor, domain, weight, bias, running_mean, running_var, num_domains: int,
                      use_batch_stats: bool, stats_per_domain: bool, momentum: float, eps: float,
-                     host_values: bool = True) -> Tuple[Optional[Tensor], int]:
+                     host_values: bool = True) -> Domain:
+    """Every check of ``domain_batch_norm``; returns the domain as an int or an int64 tensor."""
     op = "domain_batch_norm"
     check_x(op, x)
-    domain_tensor, pure = check_domain(op, x, domain, num_domains, host_values)
+    domain = check_domain(domain, num_domains, x, where=op, check_values=host_values)
     for name, p in (("weight", weight), ("bias", bias), ("running_mean", running_mean), ("running_var", running_var)):
         check_param(op, name, p, x, num_domains)
     if (running_mean is None) != (running_var is None):
@@ -135,7 +188,7 @@ def check_batch_norm(x: Tensor, domain, weight, bias, running_mean, running_var,
     if running_mean is not None and running_mean.shape != running_var.shape:
         raise ValueError(f"{op}: running_mean {tuple(running_mean.shape)} and running_var "
                          f"{tuple(running_var.shape)} must have the same shape")
-    if running_mean is not None and not _is_compiling():  # memory addresses: eager only
+    if running_mean is not None and has_data(running_mean) and has_data(running_var):  # real storage only
         for name, t in (("running_mean", running_mean), ("running_var", running_var)):
             if any(stride == 0 and size > 1 for size, stride in zip(t.shape, t.stride())):
                 raise ValueError(f"{op}: {name} has elements that share memory (an expanded view?); "
@@ -151,8 +204,8 @@ def check_batch_norm(x: Tensor, domain, weight, bias, running_mean, running_var,
     if not 0.0 <= momentum <= 1.0:
         raise ValueError(f"{op}: momentum must lie in [0, 1], got {momentum}")
     if use_batch_stats:
-        _check_group_sizes(op, x, domain_tensor, num_domains, stats_per_domain, host_values)
-    return domain_tensor, pure
+        _check_group_sizes(op, x, domain, num_domains, stats_per_domain, host_values)
+    return domain
 
 
 def _memory_ranges_overlap(a: Tensor, b: Tensor) -> bool:
@@ -171,18 +224,18 @@ def _check_number(op: str, name: str, value) -> None:
         raise TypeError(f"{op}: {name} must be a float, got {type(value).__name__}")
 
 
-def _check_group_sizes(op: str, x: Tensor, domain_tensor: Optional[Tensor], num_domains: int,
-                       stats_per_domain: bool, host_values: bool) -> None:
+def _check_group_sizes(op: str, x: Tensor, domain: Domain, num_domains: int, stats_per_domain: bool,
+                       host_values: bool) -> None:
     """Batch statistics need more than one value per channel in every stat group present."""
     values_per_sample = x.numel() // (x.shape[0] * x.shape[1])
-    if domain_tensor is None or not stats_per_domain:
+    if isinstance(domain, int) or not stats_per_domain:
         if x.shape[0] * values_per_sample <= 1:
             raise ValueError(f"{op}: expected more than 1 value per channel when using batch statistics "
                              f"(training), got input of shape {tuple(x.shape)}")
         return
-    if values_per_sample > 1 or not host_values or _is_compiling():
+    if values_per_sample > 1 or not host_values or not has_data(domain):
         return
-    counts = torch.bincount(domain_tensor, minlength=num_domains)
+    counts = torch.bincount(domain, minlength=num_domains)
     single = (counts == 1).nonzero()
     if single.numel():
         raise ValueError(f"{op}: expected more than 1 value per channel in every domain's stat group when using "
@@ -191,10 +244,11 @@ def _check_group_sizes(op: str, x: Tensor, domain_tensor: Optional[Tensor], num_
 
 
 def check_instance_norm(x: Tensor, domain, weight, bias, num_domains: int, eps: float,
-                        host_values: bool = True) -> Tuple[Optional[Tensor], int]:
+                        host_values: bool = True) -> Domain:
+    """Every check of ``domain_instance_norm``; returns the domain as an int or an int64 tensor."""
     op = "domain_instance_norm"
     check_x(op, x)
-    domain_tensor, pure = check_domain(op, x, domain, num_domains, host_values)
+    domain = check_domain(domain, num_domains, x, where=op, check_values=host_values)
     check_param(op, "weight", weight, x, num_domains)
     check_param(op, "bias", bias, x, num_domains)
     _check_number(op, "eps", eps)
@@ -202,4 +256,4 @@ def check_instance_norm(x: Tensor, domain, weight, bias, num_domains: int, eps: 
         raise ValueError(f"{op}: eps must be positive, got {eps}")
     if x.numel() // (x.shape[0] * x.shape[1]) <= 1:
         raise ValueError(f"{op}: expected more than 1 spatial value per channel, got input of shape {tuple(x.shape)}")
-    return domain_tensor, pure
+    return domain

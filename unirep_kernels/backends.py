@@ -5,18 +5,24 @@ kernels of the extension ``unirep_kernels._C``), ``"cuda"`` (its CUDA kernels) a
 ``"triton"``. A call picks one with, in order of precedence, the ``backend=`` keyword, the
 innermost ``with use_backend(name):`` block, the ``UNIREP_BACKEND`` environment variable,
 and finally ``"auto"``: the fastest backend built for the input's device.
+
+:data:`BACKENDS` is the dispatch table: one :class:`Backend` entry per backend says where
+its compiled ops live (a ``torch.ops`` namespace with the signatures of ``csrc/ops.cpp``),
+what registers them, which devices it runs on and whether it is built. Adding a backend is
+adding an entry; :mod:`unirep_kernels.ops` runs whichever entry a call resolves to.
 """
 
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import os
+import sys
 import warnings
-from typing import Dict, Iterator, List, Optional, Tuple
+from dataclasses import dataclass
+from typing import Callable, Dict, Iterator, List, Optional, Tuple
 
 import torch
-
-NAMES = ("reference", "cpp", "cuda", "triton")
 
 _extension = None
 _extension_error: Optional[str] = None
@@ -47,33 +53,109 @@ def extension_loaded() -> bool:
     return _extension is not None
 
 
+_TRUE_STRINGS = ("1", "true", "on", "yes", "y")  # what triton accepts as true, in any case
+
+
 def triton_interpreting() -> bool:
-    """True when TRITON_INTERPRET=1: Triton kernels are interpreted (numpy, on CPU tensors)."""
-    return os.environ.get("TRITON_INTERPRET", "0").strip().lower() in ("1", "true", "on", "yes")
+    """True when Triton kernels are interpreted (``TRITON_INTERPRET=1``: numpy, on CPU tensors).
+
+    The one test of it: triton's own setting (``triton.knobs.runtime.interpret``, which
+    follows the environment variable and what a program sets) once triton is imported,
+    else the environment variable read as triton reads it. Never imports triton."""
+    runtime = getattr(getattr(sys.modules.get("triton"), "knobs", None), "runtime", None)
+    if runtime is not None:
+        return bool(runtime.interpret)
+    return os.environ.get("TRITON_INTERPRET", "0").lower() in _TRUE_STRINGS
 
 
-_triton_import: Optional[Tuple[Optional[str], str]] = None  # (version or None, why not)
+class BackendUnavailableError(RuntimeError):
+    """The backend asked for is not built or installed here (the message says why)."""
 
 
-def _triton_version() -> Tuple[Optional[str], str]:
-    global _triton_import
-    if _triton_import is None:
-        try:
-            import triton
+@dataclass(frozen=True)
+class Backend:
+    """One entry of the dispatch table.
 
-            _triton_import = (getattr(triton, "__version__", "?"), "")
-        except ImportError:
-            _triton_import = (None, "triton is not installed")
-        except Exception as exc:  # a broken installation
-            _triton_import = (None, f"triton failed to import ({type(exc).__name__}: {exc})")
-    return _triton_import
+    Attributes:
+        name: what ``backend=`` takes.
+        namespace: the ``torch.ops`` namespace of its compiled ops, or None for the
+            pure-PyTorch :mod:`unirep_kernels.reference`.
+        load: imports what registers ``namespace`` (None: loaded with the package).
+        devices: the device types whose tensors it runs on (``"*"``: any); every backend
+            also takes meta tensors (shapes only, from the ops' fake kernels).
+        extra_devices: device types it runs on now beyond ``devices`` (triton: cpu under
+            its interpreter); read only for a device not in ``devices``.
+        auto: the device types on which ``"auto"`` may choose it.
+        built: ``(available, reason)``: what is built or installed, fixed for the process.
+        usable: ``(available, reason)`` on this machine now, from ``built`` (None: ``built``
+            itself); for :func:`backends` and error messages, never on the dispatch path.
+    """
+
+    name: str
+    namespace: Optional[str]
+    load: Optional[Callable[[], None]]
+    devices: Tuple[str, ...]
+    auto: Tuple[str, ...]
+    built: Tuple[bool, str]
+    usable: Optional[Callable[[Tuple[bool, str]], Tuple[bool, str]]] = None
+    extra_devices: Optional[Callable[[], Tuple[str, ...]]] = None
+
+    def runs_on(self, kind: str) -> bool:
+        """Whether it runs on tensors of device type ``kind``."""
+        if kind in self.devices or "*" in self.devices or kind == "meta":
+            return True
+        return self.extra_devices is not None and kind in self.extra_devices()
+
+    def status(self) -> Tuple[bool, str]:
+        """``(available, reason)`` on this machine now."""
+        return self.built if self.usable is None else self.usable(self.built)
+
+    def ops(self):
+        """The ``torch.ops`` namespace of its compiled ops (registered on first use)."""
+        if self.load is not None:
+            self.load()
+        return getattr(torch.ops, self.namespace)
 
 
-def _triton_status() -> Tuple[bool, str]:
-    """Not cached: it depends on TRITON_INTERPRET, which a process (the tests) may set later."""
-    version, why_not = _triton_version()
-    if version is None:
-        return False, why_not
+def _extension_built(needs_cuda: bool) -> Tuple[bool, str]:
+    if _extension is None:
+        return False, f"extension not loaded ({_extension_error})"
+    if needs_cuda and not getattr(_extension, "with_cuda", False):
+        return False, "unirep_kernels._C was built without CUDA kernels"
+    return True, ("CUDA kernels from unirep_kernels._C" if needs_cuda else "C++ CPU kernels from unirep_kernels._C")
+
+
+def _triton_installed() -> Tuple[bool, str]:
+    """Found without importing it (importing triton takes a while; it is loaded on first use)."""
+    try:
+        found = importlib.util.find_spec("triton") is not None
+    except (ImportError, ValueError):  # e.g. sys.modules["triton"] = None
+        found = False
+    return (True, "triton is installed") if found else (False, "triton is not installed")
+
+
+def _load_triton() -> None:
+    try:
+        from . import triton  # noqa: F401  (registers torch.ops.unirep_triton.*)
+    except ImportError as exc:
+        raise BackendUnavailableError(f"backend 'triton' is not available: triton failed to import "
+                                      f"({type(exc).__name__}: {exc})") from exc
+
+
+def _cuda_usable(built: Tuple[bool, str]) -> Tuple[bool, str]:
+    if built[0] and not torch.cuda.is_available():
+        return False, "built with CUDA kernels, but no CUDA device is available"
+    return built
+
+
+def _triton_usable(built: Tuple[bool, str]) -> Tuple[bool, str]:
+    if not built[0]:
+        return built
+    try:
+        import triton
+    except Exception as exc:  # a broken installation
+        return False, f"triton failed to import ({type(exc).__name__}: {exc})"
+    version = getattr(triton, "__version__", "?")
     if not hasattr(torch.library, "custom_op"):
         return False, f"torch {torch.__version__} lacks torch.library.custom_op, which the Triton ops need"
     if triton_interpreting():
@@ -85,42 +167,23 @@ def _triton_status() -> Tuple[bool, str]:
                    "run its kernels on CPU tensors, slowly)")
 
 
-_status_cache: Optional[Dict[str, Tuple[bool, str]]] = None
+# The dispatch table, fastest first: "auto" takes the first built entry for the device.
+# Everything a call reads from it is fixed when the package is imported, so torch.compile
+# guards on constants and never recompiles because of it.
+BACKENDS: Dict[str, Backend] = {b.name: b for b in (
+    Backend("cpp", "unirep", None, ("cpu",), auto=("cpu",), built=_extension_built(False)),
+    Backend("cuda", "unirep", None, ("cuda",), auto=("cuda",), built=_extension_built(True), usable=_cuda_usable),
+    Backend("triton", "unirep_triton", _load_triton, ("cuda",), auto=("cuda",), built=_triton_installed(),
+            usable=_triton_usable, extra_devices=lambda: ("cpu",) if triton_interpreting() else ()),
+    Backend("reference", None, None, ("*",), auto=("*",), built=(True, "pure PyTorch; always available")),
+)}
+NAMES = tuple(BACKENDS)
 
 
 def backends() -> Dict[str, Tuple[bool, str]]:
-    """``{name: (available, reason)}`` for every backend on this machine.
+    """``{name: (available, reason)}`` for every backend on this machine now."""
+    return {name: b.status() for name, b in BACKENDS.items()}
 
-    Computed once per process (availability does not change while it runs), except
-    ``"triton"``, which follows ``TRITON_INTERPRET``.
-    """
-    global _status_cache
-    if _status_cache is None:
-        _status_cache = _compute_status()
-    status = dict(_status_cache)
-    status["triton"] = _triton_status()  # follows TRITON_INTERPRET
-    return status
-
-
-def _compute_status() -> Dict[str, Tuple[bool, str]]:
-    status = {"reference": (True, "pure PyTorch; always available")}
-    if _extension is None:
-        status["cpp"] = (False, f"extension not loaded ({_extension_error})")
-        status["cuda"] = (False, f"extension not loaded ({_extension_error})")
-    else:
-        status["cpp"] = (True, "C++ CPU kernels from unirep_kernels._C")
-        if not getattr(_extension, "with_cuda", False):
-            status["cuda"] = (False, "unirep_kernels._C was built without CUDA kernels")
-        elif not torch.cuda.is_available():
-            status["cuda"] = (False, "built with CUDA kernels, but no CUDA device is available")
-        else:
-            status["cuda"] = (True, "CUDA kernels from unirep_kernels._C")
-    return status
-
-
-# Backends that can run on each device type, fastest first: what "auto" chooses from.
-_AUTO_ORDER = {"cpu": ("cpp", "reference"), "cuda": ("cuda", "triton", "reference")}
-_DEVICE_OF = {"cpp": "cpu", "cuda": "cuda"}  # backends tied to one device type
 
 _override_stack: List[str] = []
 
@@ -137,7 +200,7 @@ def use_backend(name: str) -> Iterator[None]:
 
 
 def _check_name(name: str) -> None:
-    if name != "auto" and name not in NAMES:
+    if name != "auto" and name not in BACKENDS:
         raise ValueError(f"backend must be one of {('auto',) + NAMES}, got {name!r}")
 
 
@@ -154,23 +217,23 @@ def requested_backend(backend: Optional[str] = None) -> str:
 
 
 def resolve_backend(backend: Optional[str], device: torch.device) -> str:
-    """The concrete backend that runs a call on ``device``; a clear error if it cannot."""
+    """The concrete backend that runs a call on ``device``; a clear error if it cannot.
+
+    Meta tensors (shapes only) go to any backend; ``"auto"`` gives them the reference."""
     name = requested_backend(backend)
-    status = _status_cache if _status_cache is not None else backends()
-    if name == "triton" or (name == "auto" and device.type == "cuda"):
-        status = dict(status, triton=_triton_status())
+    kind = device.type
     if name == "auto":
-        for candidate in _AUTO_ORDER.get(device.type, ("reference",)):
-            if status[candidate][0]:
-                return candidate
+        for candidate in BACKENDS.values():
+            if (kind in candidate.auto or "*" in candidate.auto) and candidate.built[0]:
+                return candidate.name
         return "reference"
-    available, reason = status[name]
+    entry = BACKENDS[name]
+    available, reason = entry.built
     if not available:
-        raise RuntimeError(f"backend {name!r} is not available: {reason}")
-    tied = _DEVICE_OF.get(name)
-    if tied is not None and tied != device.type:
-        raise ValueError(f"backend {name!r} runs on {tied} tensors, but x is on {device}")
-    if name == "triton" and device.type != "cuda" and not triton_interpreting():
-        raise ValueError(f"backend 'triton' runs on cuda tensors (or on cpu tensors under TRITON_INTERPRET=1), "
-                         f"but x is on {device}")
+        raise BackendUnavailableError(f"backend {name!r} is not available: {reason}")
+    if not entry.runs_on(kind):
+        usable, reason = entry.status()
+        if not usable:  # e.g. "cuda" with no CUDA device, "triton" on the CPU without its interpreter
+            raise BackendUnavailableError(f"backend {name!r} is not available: {reason}")
+        raise ValueError(f"backend {name!r} runs on {' or '.join(entry.devices)} tensors, but x is on {device}")
     return name

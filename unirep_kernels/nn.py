@@ -9,15 +9,15 @@ batch, an int64 tensor (N,) for a mixed batch) or, with ``domain=None``, from th
 from __future__ import annotations
 
 import contextlib
-from typing import Iterator, List, Optional, Union
+import warnings
+from typing import Iterator, List, Optional, Tuple
 
 import torch
 from torch import Tensor, nn
+from torch.nn.modules.batchnorm import _NormBase
 
-from ._checks import domain_check_mode
-from .ops import domain_batch_norm, domain_instance_norm
-
-Domain = Union[int, Tensor]
+from ._checks import Domain, check_domain
+from .ops import _batch_norm, domain_instance_norm
 
 _domain_stack: List[Domain] = []
 
@@ -25,8 +25,7 @@ _domain_stack: List[Domain] = []
 @contextlib.contextmanager
 def domain(d: Domain) -> Iterator[None]:
     """Make ``d`` the domain of every domain layer called with ``domain=None`` inside."""
-    if isinstance(d, bool) or not isinstance(d, (int, Tensor)):
-        raise TypeError(f"domain must be an int or an int64 tensor of shape (N,), got {type(d).__name__}")
+    d = check_domain(d, where="unirep_kernels.domain")  # the type here; range and shape at each layer
     _domain_stack.append(d)
     try:
         yield
@@ -124,12 +123,12 @@ class DomainBatchNorm2d(nn.Module):
         use_batch_stats = self.training or self.batch_stats_at_eval or not self.track_running_stats
         update = self.training and self.track_running_stats
         stats = (self.running_mean, self.running_var) if (update or not use_batch_stats) else (None, None)
-        y = domain_batch_norm(x, d, self.weight, self.bias, *stats, num_domains=self.num_domains,
-                              use_batch_stats=use_batch_stats, stats_per_domain=self.domain_stats,
-                              momentum=self.momentum, eps=self.eps, relu=self.relu, backend=self.backend)
-        if update:  # after the call: a failing call leaves every buffer untouched
-            self.num_batches_tracked.add_(1)
-        return y
+        # The op counts the batch in num_batches_tracked only if it succeeds (under torch.compile
+        # too): a failing call leaves every buffer untouched.
+        return _batch_norm(x, d, self.weight, self.bias, *stats, num_domains=self.num_domains,
+                           use_batch_stats=use_batch_stats, stats_per_domain=self.domain_stats,
+                           momentum=self.momentum, eps=self.eps, relu=self.relu, backend=self.backend,
+                           num_batches_tracked=self.num_batches_tracked if update else None)
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         _load_broadcast(self, state_dict, prefix, ("weight", "bias", "running_mean", "running_var"))
@@ -188,18 +187,11 @@ class DomainScale2d(nn.Module):
 
     def forward(self, x: Tensor, domain: Optional[Domain] = None) -> Tensor:
         _check_4d(self, x)
-        d = _resolve_domain(self, domain)
+        # On CUDA with device-side checks (the default), index_select validates the indices itself.
+        d = check_domain(_resolve_domain(self, domain), self.num_domains, x, where="DomainScale2d")
         if isinstance(d, int):
-            if not 0 <= d < self.num_domains:
-                raise ValueError(f"DomainScale2d: domain must lie in [0, {self.num_domains}), got {d}")
             w, b = self.weight[d].view(1, -1, 1, 1), self.bias[d].view(1, -1, 1, 1)
         else:
-            if d.dtype != torch.int64 or d.shape != (x.shape[0],) or d.device != x.device:
-                raise ValueError(f"DomainScale2d: domain tensor must be int64 of shape ({x.shape[0]},) on {x.device}")
-            # On CUDA with device-side checks, index_select validates the indices itself.
-            host_check = not (d.is_cuda and domain_check_mode() == "device")
-            if host_check and not torch.compiler.is_compiling() and not 0 <= int(d.min()) <= int(d.max()) < self.num_domains:
-                raise ValueError(f"DomainScale2d: domain values must lie in [0, {self.num_domains})")
             w = self.weight.index_select(0, d)[:, :, None, None]
             b = self.bias.index_select(0, d)[:, :, None, None]
         return torch.addcmul(b.to(x.dtype), x, w.to(x.dtype))
@@ -211,28 +203,55 @@ class DomainScale2d(nn.Module):
 def convert_domain_norm(module: nn.Module, num_domains: int, *, domain_affine: bool = True,
                         domain_stats: bool = True, batch_stats_at_eval: bool = False,
                         backend: Optional[str] = None) -> nn.Module:
-    """Replace every ``nn.BatchNorm2d`` / ``nn.InstanceNorm2d`` in ``module`` by its domain
-    version, copying weights and running stats into every domain row.
+    """Replace every ``nn.BatchNorm2d``, ``nn.SyncBatchNorm`` and ``nn.InstanceNorm2d`` in
+    ``module`` by its domain version, copying weights and running stats into every domain row.
+
+    A ``SyncBatchNorm`` becomes a :class:`DomainBatchNorm2d` (4-d inputs) with the statistics
+    semantics of ``python -m unirep.train`` across ranks: each rank normalizes by the
+    statistics of its own batch, per domain (a domain is one rank's batch in the paper's
+    regime), and the running moments are merged across ranks after each step by
+    :class:`unirep.distributed.StatsMerger`, as the trainer does; they are not synchronised
+    inside the forward. Any other normalization layer with batch statistics or running
+    moments (``BatchNorm1d``/``3d``, ``InstanceNorm1d``/``3d``, lazy ones) is left as it is,
+    with one warning naming each module skipped.
 
     Returns the converted module (``module`` itself is modified in place when it is not a
     norm layer). Run the result with ``with unirep_kernels.domain(d): model(x)``.
     """
-    converted = _convert_one(module, num_domains, domain_affine, domain_stats, batch_stats_at_eval, backend)
-    if converted is not module:
+    skipped: List[str] = []
+    converted = _convert_tree(module, "", num_domains, (domain_affine, domain_stats, batch_stats_at_eval, backend),
+                              skipped)
+    if skipped:
+        warnings.warn(f"convert_domain_norm: left {len(skipped)} normalization layer(s) as they are (only "
+                      f"BatchNorm2d, SyncBatchNorm and InstanceNorm2d have domain versions): {', '.join(skipped)}",
+                      UserWarning, stacklevel=2)
+    return converted
+
+
+def _convert_tree(m: nn.Module, name: str, num_domains: int, options: Tuple, skipped: List[str]) -> nn.Module:
+    converted = _convert_one(m, num_domains, *options)
+    if converted is not m:
         return converted
-    for name, child in module.named_children():
-        new = convert_domain_norm(child, num_domains, domain_affine=domain_affine, domain_stats=domain_stats,
-                                  batch_stats_at_eval=batch_stats_at_eval, backend=backend)
+    if isinstance(m, _NormBase) and not _per_sample_function(m):
+        skipped.append(f"{name or '(the module itself)'} ({type(m).__name__})")
+        return m
+    for child_name, child in m.named_children():
+        new = _convert_tree(child, f"{name}.{child_name}" if name else child_name, num_domains, options, skipped)
         if new is not child:
-            setattr(module, name, new)
-    return module
+            setattr(m, child_name, new)
+    return m
+
+
+def _per_sample_function(m: nn.Module) -> bool:
+    """An instance norm without parameters or moments: the same function in every domain."""
+    return isinstance(m, nn.modules.instancenorm._InstanceNorm) and not (m.affine or m.track_running_stats)
 
 
 def _convert_one(m: nn.Module, num_domains: int, domain_affine: bool, domain_stats: bool,
                  batch_stats_at_eval: bool, backend: Optional[str]) -> nn.Module:
-    if isinstance(m, nn.BatchNorm2d):
+    if isinstance(m, (nn.BatchNorm2d, nn.SyncBatchNorm)):
         if m.momentum is None:
-            raise ValueError("convert_domain_norm: BatchNorm2d with momentum=None is not supported")
+            raise ValueError(f"convert_domain_norm: {type(m).__name__} with momentum=None is not supported")
         new = DomainBatchNorm2d(m.num_features, num_domains, eps=m.eps, momentum=m.momentum, affine=m.affine,
                                 domain_affine=domain_affine, domain_stats=domain_stats,
                                 track_running_stats=m.track_running_stats,

@@ -1,15 +1,23 @@
-"""Public functional API of the op contract, and the torch.library registrations of the
-compiled ops (fake kernels for tracing, autograd formulas).
+"""Public functional API of the op contract, its dispatch, and the torch.library
+registrations of the compiled ops (fake kernels for tracing, autograd formulas).
 
-``domain_batch_norm`` and ``domain_instance_norm`` validate their inputs, pick a backend
-(:mod:`unirep_kernels.backends`) and run it. The compiled backends ("cpp", and "cuda" when
-built) go through ``torch.ops.unirep.*``, whose schemas live in ``csrc/ops.cpp``:
+Every op runs the same three steps:
 
-- ``domain_batch_norm_forward`` / ``_backward``: functional; the forward returns y plus the
-  statistics it normalized with (per stat group) and each domain's value count.
-- ``domain_instance_norm_forward`` / ``_backward``.
-- ``update_running_stats``: mutates ``running_mean`` / ``running_var`` in place (declared
-  ``Tensor(a!)`` in the schema), from the forward's statistics.
+1. checks (:mod:`unirep_kernels._checks`), then the backend (:func:`backends.resolve_backend`);
+2. the ``"reference"`` backend (:mod:`unirep_kernels.reference`, pure PyTorch), or the
+   compiled ops of the chosen entry of the dispatch table :data:`backends.BACKENDS`:
+   ``torch.ops.unirep.*`` ("cpp", "cuda"; schemas in ``csrc/ops.cpp``) or
+   ``torch.ops.unirep_triton.*`` ("triton"), with the same signatures:
+
+   - ``domain_batch_norm_forward`` / ``_backward``: functional; the forward returns y plus
+     the statistics it normalized with (per stat group) and each domain's value count.
+   - ``domain_instance_norm_forward`` / ``_backward``.
+
+3. the running-stat update, ``torch.ops.unirep.update_running_stats`` (``csrc/ops.cpp``,
+   the one compiled home of the rule; :func:`reference.update_running_stats` is its
+   oracle). It mutates ``running_mean`` / ``running_var`` (declared ``Tensor(a!)``) and
+   counts the call in ``num_batches_tracked``: it consumes the forward's outputs, so under
+   ``torch.compile`` too it runs only after the forward succeeded.
 
 Splitting the running-stat update from the differentiable forward keeps the forward
 functional, which is what ``torch.library.register_autograd`` and ``torch.compile`` need.
@@ -17,17 +25,15 @@ functional, which is what ``torch.library.register_autograd`` and ``torch.compil
 
 from __future__ import annotations
 
-from typing import Optional, Union
+from typing import Optional
 
 import torch
 from torch import Tensor
 
 from . import reference
 from ._autograd import register_autograd
-from ._checks import check_batch_norm, check_instance_norm, check_x, host_value_checks
-from .backends import extension_loaded, resolve_backend
-
-Domain = Union[int, Tensor]
+from ._checks import Domain, check_batch_norm, check_instance_norm, check_x, host_value_checks, split_domain
+from .backends import BACKENDS, extension_loaded, resolve_backend
 
 
 def domain_batch_norm(x: Tensor, domain: Domain, weight: Optional[Tensor] = None, bias: Optional[Tensor] = None,
@@ -40,7 +46,7 @@ def domain_batch_norm(x: Tensor, domain: Domain, weight: Optional[Tensor] = None
     Args:
         x: (N, C, *spatial), float32/float16/bfloat16/float64, contiguous or channels_last.
         domain: an int (pure batch: every sample is from that domain) or an int64 tensor of
-            shape (N,) on x's device (mixed batch).
+            shape (N,) on x's device (mixed batch); see :func:`unirep_kernels.check_domain`.
         weight, bias: (num_domains, C) per domain, (C,) universal, or None.
         running_mean, running_var: (num_domains, C) per-domain moments, (C,) universal, or
             None (not tracked).
@@ -60,34 +66,56 @@ def domain_batch_norm(x: Tensor, domain: Domain, weight: Optional[Tensor] = None
 
     Running stats are updated only for stat groups present in the batch; universal (C,)
     running stats with per-domain groups are updated by each present group in increasing
-    domain order. Gradients flow to x, weight and bias.
+    domain order. Gradients flow to x, weight and bias. Meta and fake tensors
+    (``FakeTensorMode``, ``torch.export``) give y's shape and dtype and leave the running
+    stats alone.
     """
+    return _batch_norm(x, domain, weight, bias, running_mean, running_var, num_domains=num_domains,
+                       use_batch_stats=use_batch_stats, stats_per_domain=stats_per_domain, momentum=momentum, eps=eps,
+                       relu=relu, backend=backend)
+
+
+def _batch_norm(x: Tensor, domain: Domain, weight: Optional[Tensor], bias: Optional[Tensor],
+                running_mean: Optional[Tensor], running_var: Optional[Tensor], *, num_domains: int,
+                use_batch_stats: bool, stats_per_domain: bool, momentum: float, eps: float, relu: bool,
+                backend: Optional[str], num_batches_tracked: Optional[Tensor] = None) -> Tensor:
+    """:func:`domain_batch_norm`, and ``num_batches_tracked`` (a counter, or None) incremented
+    by one when the call updates the running stats, only if it succeeds (the layers' counter)."""
     check_x("domain_batch_norm", x)
     name = resolve_backend(backend, x.device)
-    domain_tensor, pure = check_batch_norm(x, domain, weight, bias, running_mean, running_var, num_domains,
-                                           use_batch_stats, stats_per_domain, momentum, eps,
-                                           host_values=host_value_checks(name, x.device))
+    domain = check_batch_norm(x, domain, weight, bias, running_mean, running_var, num_domains, use_batch_stats,
+                              stats_per_domain, momentum, eps, host_values=host_value_checks(name, x.device))
+    updates = use_batch_stats and running_mean is not None
     if name == "reference":
-        return reference.domain_batch_norm(x, domain, weight, bias, running_mean, running_var,
-                                           num_domains=num_domains, use_batch_stats=use_batch_stats,
-                                           stats_per_domain=stats_per_domain, momentum=momentum, eps=eps, relu=relu)
-    if name == "triton":
-        from . import triton as triton_backend  # lazy: triton is optional
-
-        return triton_backend.domain_batch_norm(x, domain_tensor, pure, weight, bias, running_mean, running_var,
-                                                num_domains=num_domains, use_batch_stats=use_batch_stats,
-                                                stats_per_domain=stats_per_domain, momentum=momentum, eps=eps,
-                                                relu=relu)
-    if name not in ("cpp", "cuda"):
-        raise NotImplementedError(f"domain_batch_norm: backend {name!r} has no implementation yet")
-    normalize_by_running = not use_batch_stats
-    y, mean, var, count = torch.ops.unirep.domain_batch_norm_forward(
-        x, domain_tensor, pure, weight, bias,
-        running_mean if normalize_by_running else None, running_var if normalize_by_running else None,
-        num_domains, use_batch_stats, stats_per_domain, eps, relu)
-    if use_batch_stats and running_mean is not None:
-        torch.ops.unirep.update_running_stats(running_mean, running_var, mean, var, count, momentum)
+        y = reference.domain_batch_norm(x, domain, weight, bias, running_mean, running_var, num_domains=num_domains,
+                                        use_batch_stats=use_batch_stats, stats_per_domain=stats_per_domain,
+                                        momentum=momentum, eps=eps, relu=relu)
+        if updates and num_batches_tracked is not None:
+            num_batches_tracked.add_(1)
+        return y
+    by_running = not use_batch_stats
+    y, mean, var, count = BACKENDS[name].ops().domain_batch_norm_forward(
+        x, *split_domain(domain), weight, bias, running_mean if by_running else None,
+        running_var if by_running else None, num_domains, use_batch_stats, stats_per_domain, eps, relu)
+    if updates:
+        update_running_stats(running_mean, running_var, mean, var, count, momentum, num_batches_tracked)
     return y
+
+
+def update_running_stats(running_mean: Tensor, running_var: Tensor, mean: Tensor, var: Tensor, count: Tensor,
+                         momentum: float, num_batches_tracked: Optional[Tensor] = None) -> None:
+    """In-place update of the running moments from one batch's statistics (the outputs of a
+    ``domain_batch_norm_forward`` op), and ``num_batches_tracked += 1``: the compiled op
+    ``unirep::update_running_stats``, or, when the extension is not built, the reference's
+    loop (the oracle; a host synchronisation per domain on CUDA)."""
+    if extension_loaded():
+        torch.ops.unirep.update_running_stats(running_mean, running_var, mean, var, count, momentum,
+                                              num_batches_tracked)
+        return
+    with torch.no_grad():
+        reference.update_running_stats(running_mean, running_var, mean, var, count, momentum)
+        if num_batches_tracked is not None:
+            num_batches_tracked.add_(1)
 
 
 def domain_instance_norm(x: Tensor, domain: Domain, weight: Optional[Tensor] = None, bias: Optional[Tensor] = None,
@@ -101,19 +129,12 @@ def domain_instance_norm(x: Tensor, domain: Domain, weight: Optional[Tensor] = N
     """
     check_x("domain_instance_norm", x)
     name = resolve_backend(backend, x.device)
-    domain_tensor, pure = check_instance_norm(x, domain, weight, bias, num_domains, eps,
-                                              host_values=host_value_checks(name, x.device))
+    domain = check_instance_norm(x, domain, weight, bias, num_domains, eps,
+                                 host_values=host_value_checks(name, x.device))
     if name == "reference":
         return reference.domain_instance_norm(x, domain, weight, bias, num_domains=num_domains, eps=eps, relu=relu)
-    if name == "triton":
-        from . import triton as triton_backend  # lazy: triton is optional
-
-        return triton_backend.domain_instance_norm(x, domain_tensor, pure, weight, bias, num_domains=num_domains,
-                                                   eps=eps, relu=relu)
-    if name not in ("cpp", "cuda"):
-        raise NotImplementedError(f"domain_instance_norm: backend {name!r} has no implementation yet")
-    y, _, _ = torch.ops.unirep.domain_instance_norm_forward(x, domain_tensor, pure, weight, bias, num_domains, eps,
-                                                            relu)
+    y, _, _ = BACKENDS[name].ops().domain_instance_norm_forward(x, *split_domain(domain), weight, bias, num_domains,
+                                                                eps, relu)
     return y
 
 
@@ -160,7 +181,7 @@ def _register() -> None:
                 _param_grad_like(bias, x))
 
     @torch.library.register_fake(lib + "update_running_stats")
-    def _update_fake(running_mean, running_var, mean, var, count, momentum):
+    def _update_fake(running_mean, running_var, mean, var, count, momentum, num_batches_tracked=None):
         return None
 
     register_autograd("unirep")

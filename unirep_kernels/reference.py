@@ -8,17 +8,19 @@ exactly what makes it a good oracle for the fused backends' backward kernels.
 
 The functions take already-validated arguments (see :mod:`unirep_kernels._checks`); the
 public entry points in :mod:`unirep_kernels.ops` validate and then dispatch here when the
-``"reference"`` backend is selected.
+``"reference"`` backend is selected. Nothing here reads a value on the host (no ``.item()``,
+no data-dependent shapes), so the reference also runs on meta tensors (shapes only) and
+under ``FakeTensorMode`` / ``torch.export``.
 """
 
 from __future__ import annotations
 
-from typing import Optional, Tuple, Union
+from typing import Optional, Tuple
 
 import torch
 from torch import Tensor
 
-Domain = Union[int, Tensor]
+from ._checks import Domain
 
 
 def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -115,7 +117,7 @@ def domain_batch_norm(x: Tensor, domain: Domain, weight: Optional[Tensor], bias:
         sample_mean = mean.index_select(0, groups)
         sample_invstd = torch.rsqrt(var.index_select(0, groups) + eps)
         if running_mean is not None:
-            domain_count = torch.bincount(domains, minlength=num_domains).to(acc) * xf.shape[-1]
+            domain_count = xf.new_zeros((num_domains,)).index_add(0, domains, xf.new_full((n,), float(xf.shape[-1])))
             with torch.no_grad():
                 update_running_stats(running_mean, running_var, mean.detach(), var.detach(),
                                      domain_count, momentum)
@@ -142,6 +144,9 @@ def update_running_stats(running_mean: Tensor, running_var: Tensor, mean: Tensor
                          count: Tensor, momentum: float) -> None:
     """Update running moments in place from the statistics of one batch.
 
+    The oracle of the compiled ``unirep::update_running_stats`` (``csrc/ops.cpp``), written
+    as the rule reads: one update per present group, in domain order.
+
     ``mean``/``var`` (biased) are per stat group: (D, C) when groups are domains, (1, C)
     when the group is the whole batch. ``count`` (D,) is the number of values per channel
     each domain contributed to the batch; a domain with count 0 is absent and its running
@@ -152,18 +157,23 @@ def update_running_stats(running_mean: Tensor, running_var: Tensor, mean: Tensor
     - running (C,), one group: one update.
     - running (C,), groups per domain: one update per present group, in increasing domain
       order, as if the groups had come as consecutive pure batches (round-robin).
+
+    Whether a domain is present is a tensor (``count[d] > 0``) applied with ``torch.where``,
+    never read on the host: the loop is over the D domains, whose number is known.
     """
     per_domain_groups = mean.shape[0] == count.numel()  # G == D (also true when D == 1)
-    present = [d for d in range(count.numel()) if count[d] > 0]
+    domains = range(count.numel())
     if per_domain_groups:
-        updates = [(d, d, count[d]) for d in present]  # (running row, group, values)
+        updates = [(d, d, count[d], count[d] > 0) for d in domains]  # (running row, group, values, present)
     elif running_mean.dim() == 2:
-        updates = [(d, 0, count.sum()) for d in present]
+        updates = [(d, 0, count.sum(), count[d] > 0) for d in domains]
     else:
-        updates = [(None, 0, count.sum())]
-    for row, g, n in updates:
-        unbiased = var[g] * n / (n - 1)
+        updates = [(None, 0, count.sum(), None)]  # the batch is never empty
+    for row, g, n, present in updates:
+        unbiased = var[g] * n / (n - 1).clamp(min=1)
         rm = running_mean if row is None or running_mean.dim() == 1 else running_mean[row]
         rv = running_var if row is None or running_var.dim() == 1 else running_var[row]
-        rm.mul_(1 - momentum).add_(momentum * mean[g].to(rm.dtype))
-        rv.mul_(1 - momentum).add_(momentum * unbiased.to(rv.dtype))
+        new_mean = rm * (1 - momentum) + momentum * mean[g].to(rm.dtype)
+        new_var = rv * (1 - momentum) + momentum * unbiased.to(rv.dtype)
+        rm.copy_(new_mean if present is None else torch.where(present, new_mean, rm))
+        rv.copy_(new_var if present is None else torch.where(present, new_var, rv))

@@ -21,6 +21,7 @@ import torch
 
 from .dataset import DomainDataset
 from .errors import DataFormatError
+from .paths import expand_path
 from .transforms import resize_uint8, to_rgb
 
 __all__ = ["load_dataset", "FORMATS", "detect_format", "read_idx", "read_image",
@@ -97,11 +98,10 @@ def read_image(path: str | os.PathLike, image_size: int) -> np.ndarray:
 
 
 def _read_images(paths, image_size: int) -> torch.Tensor:
-    from tqdm.auto import tqdm
+    from unirep._progress import progress_bar
 
     out = np.empty((len(paths), 3, image_size, image_size), dtype=np.uint8)
-    for i, p in enumerate(tqdm(paths, desc="decoding images", unit="img", delay=2.0,
-                               leave=False)):
+    for i, p in enumerate(progress_bar(paths, desc="decoding images", unit="img", leave=False)):
         out[i] = read_image(p, image_size)
     return torch.from_numpy(out)
 
@@ -527,7 +527,7 @@ FORMATS = {
 
 def detect_format(root: str | os.PathLike) -> str:
     """Guess the format of the dataset at ``root`` from the files it holds."""
-    root = Path(root)
+    root = expand_path(root)
     if not root.exists():
         raise DataFormatError(root, "dataset path not found")
     if not root.is_dir():
@@ -562,7 +562,8 @@ def load_dataset(root: str | os.PathLike, format: str = "auto", image_size: int 
     """Load a real dataset from its published on-disk format.
 
     Args:
-        root: the dataset folder.
+        root: the dataset folder; ``~`` and environment variables (``$DATA/mnist``) are
+            expanded.
         format: ``"auto"`` (detected from the files) or one of :data:`FORMATS`:
             ``"mnist"`` (IDX files, gzipped or raw), ``"cifar10"`` (python pickles),
             ``"svhn"`` (cropped-digit ``.mat``; ``extra=True`` adds extra_32x32.mat to the
@@ -583,7 +584,7 @@ def load_dataset(root: str | os.PathLike, format: str = "auto", image_size: int 
             (the message names the file).
         ValueError: an unknown format.
     """
-    root = Path(root)
+    root = expand_path(root)
     if format == "auto":
         format = detect_format(root)
     if format not in FORMATS:

@@ -2,6 +2,7 @@
 
 import sys
 
+from .. import _cli
 from .cli import main
 
-sys.exit(main())
+sys.exit(_cli.run(main, prog="python -m unirep.experiments"))

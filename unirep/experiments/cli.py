@@ -7,6 +7,7 @@ import ast
 import sys
 from typing import Any, List, Optional, Sequence, Tuple
 
+from .. import _cli
 from .runner import ExperimentError, RunInterrupted, run_table
 from .tables import CHECK_NAMES, REGIME_NAMES, TABLE_NAMES, check_seeds, regime_of, table_settings
 
@@ -33,7 +34,7 @@ def _seed_list(text: str) -> List[int]:
 
 def build_parser() -> argparse.ArgumentParser:
     """The command line of ``python -m unirep.experiments``."""
-    p = argparse.ArgumentParser(
+    p = _cli.ArgumentParser(
         prog="python -m unirep.experiments",
         description="Reproduce the paper's Table 2 (full sharing), Table 3 (sharing, width) or Table 4 "
                     "(normalization) on the built-in benchmark, or run one of our checks (convergence: the deep "

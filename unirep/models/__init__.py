@@ -39,7 +39,7 @@ def build_model(arch: str = "resnet38", num_classes: Optional[Sequence[int]] = N
             the large-scale archs take "deep" or "none".
         width: 1, 2 or 4 (filters multiplied).
         **kwargs: passed to :class:`ResNet38` (``widths``, ``stem_width``,
-            ``units_per_stage``, ``in_channels``, ``backend``) or :class:`LargeScaleNet`
+            ``units_per_stage``, ``in_channels``, ``backend``, ``final_norm``) or :class:`LargeScaleNet`
             (``input_sizes``, ``fc``, ``skip_last_pool``, ``dropout``, ``in_channels``,
             ``backend``).
 

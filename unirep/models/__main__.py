@@ -6,10 +6,14 @@ with :func:`unirep.models.count_parameters`.
 
 from __future__ import annotations
 
+import sys
+from typing import Optional, Sequence
+
 import torch
 
 from unirep_kernels import DomainBatchNorm2d, DomainInstanceNorm2d, DomainScale2d
 
+from .. import _cli
 from . import LARGE_SCALE_DOMAINS, PAPER_TEXT_WIDTHS, build_model, count_parameters
 
 #: The ten domains of section 4.1 (Table 1): AwA, Caltech-256, CIFAR-10, Daimler, GTSR,
@@ -82,7 +86,10 @@ def large_table() -> str:
     return "\n".join(lines)
 
 
-def main() -> None:
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    _cli.ArgumentParser(prog="python -m unirep.models",
+                        description="Print the parameter-count tables of docs/models.md (models built on the "
+                                    "meta device).").parse_args(argv)
     print("ResNet-38, by sharing scheme and width\n")
     print(resnet_table())
     print("\nResNet-38 x1, by default widths vs the paper's literal x1 list\n")
@@ -91,7 +98,8 @@ def main() -> None:
     print(strategy_table())
     print("\nSection 4.2 models (bn-domain)\n")
     print(large_table())
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(_cli.run(main))

@@ -1,24 +1,24 @@
-"""Building blocks shared by the paper's models: normalization strategies, domain checks,
-per-domain routing, padded domain heads, parameter counting and the masked loss.
+"""Building blocks shared by the paper's models: normalization strategies, per-domain
+routing, padded domain heads, parameter counting and the masked loss.
 
 Every module here is called as ``module(x, domain)``: ``domain`` is a Python int (a pure
-batch) or an int64 tensor of shape (N,) (a mixed batch, one domain per sample). The domain
-is always passed explicitly, never read from the ``unirep_kernels.domain`` context.
+batch) or an int64 tensor of shape (N,) (a mixed batch, one domain per sample), checked by
+the models with :func:`unirep_kernels.check_domain`. The domain is always passed
+explicitly, never read from the ``unirep_kernels.domain`` context.
 """
 
 from __future__ import annotations
 
 import math
 import numbers
-from typing import Callable, Dict, List, Optional, Sequence, Union
+from typing import Callable, Dict, List, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch._subclasses.fake_tensor import is_fake
 
-from unirep_kernels import DomainBatchNorm2d, DomainInstanceNorm2d, DomainScale2d
-
-Domain = Union[int, Tensor]
+from unirep_kernels import Domain, DomainBatchNorm2d, DomainInstanceNorm2d, DomainScale2d
 
 #: Normalization strategies (Table 4 of the paper, plus "none" of section 3.1):
 #: name -> (layer kind, scale/bias, moments).
@@ -86,33 +86,6 @@ class ConvNorm(nn.Module):
 # Domains
 
 
-def check_domain(domain: Domain, batch_size: int, num_domains: int, device: torch.device, where: str) -> Domain:
-    """Validate ``domain`` for a batch of ``batch_size`` samples; returns an int or an int64
-    tensor (N,). Raises a clear error otherwise."""
-    if isinstance(domain, bool):
-        raise TypeError(f"{where}: domain must be an int or an int64 tensor of shape (N,), got bool")
-    if isinstance(domain, numbers.Integral):
-        domain = int(domain)
-        if not 0 <= domain < num_domains:
-            raise ValueError(f"{where}: domain must lie in [0, {num_domains}) (the model has {num_domains} "
-                             f"domains), got {domain}")
-        return domain
-    if not isinstance(domain, Tensor):
-        raise TypeError(f"{where}: domain must be an int or an int64 tensor of shape (N,), "
-                        f"got {type(domain).__name__}")
-    if domain.dtype != torch.int64:
-        raise TypeError(f"{where}: domain tensor must have dtype torch.int64, got {domain.dtype}")
-    if domain.dim() != 1 or domain.shape[0] != batch_size:
-        raise ValueError(f"{where}: domain tensor must have shape (N,) = ({batch_size},), got {tuple(domain.shape)}")
-    if domain.device != device:
-        raise ValueError(f"{where}: domain tensor is on {domain.device} but x is on {device}")
-    if not torch.compiler.is_compiling() and domain.numel():
-        low, high = int(domain.min()), int(domain.max())
-        if low < 0 or high >= num_domains:
-            raise ValueError(f"{where}: domain values must lie in [0, {num_domains}), got {low if low < 0 else high}")
-    return domain
-
-
 def route(x: Tensor, domain: Tensor, fns: Sequence[Callable[[Tensor], Tensor]]) -> Tensor:
     """Apply ``fns[d]`` to the samples of domain ``d`` of a mixed batch and return the
     outputs in the original sample order.
@@ -121,7 +94,19 @@ def route(x: Tensor, domain: Tensor, fns: Sequence[Callable[[Tensor], Tensor]]) 
     sorted by domain (stable), split into contiguous groups, each group goes through its
     domain's function, and the concatenation is put back in order. Every ``fns[d]`` must
     return outputs of the same trailing shape. Differentiable.
+
+    The group sizes are data: a meta ``domain`` (shape planning, no values) runs every
+    function on the whole batch and picks each sample's row, which has the right shape; a
+    fake one (``FakeTensorMode``, ``torch.export``) is refused with a clear error, since a
+    traced graph must not silently compute something else.
     """
+    if domain.device.type == "meta":
+        every = torch.stack([fn(x) for fn in fns])  # (D, N, ...)
+        return every[domain, torch.arange(x.shape[0], device=domain.device)]
+    if is_fake(domain) and not torch.compiler.is_compiling():
+        raise ValueError("a mixed batch through per-domain copies (sharing 'none' or 'partial-*', or the "
+                         "section 4.2 models' heads) needs the domain values to split the batch: trace it with "
+                         "a pure batch (an int domain) or with sharing='deep' under FakeTensorMode/torch.export")
     counts = torch.bincount(domain, minlength=len(fns)).tolist()
     present = [d for d, c in enumerate(counts) if c]
     if len(present) == 1:

@@ -28,8 +28,10 @@ from typing import List, Optional, Sequence, Tuple
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .common import (ConvNorm, Domain, PerDomain, check_domain, check_input, check_num_classes,
-                     check_strategy, init_weights, pad_logits, route)
+from unirep_kernels import Domain, check_domain
+
+from .common import (ConvNorm, PerDomain, check_input, check_num_classes, check_strategy, init_weights, pad_logits,
+                     route)
 from .resnet import WIDTH_MULTIPLIERS, _class_mask
 
 # (out_channels, kernel, stride, padding, groups, pool after it)
@@ -228,7 +230,7 @@ class LargeScaleNet(nn.Module):
 
     def forward(self, x: Tensor, domain: Domain) -> Tensor:
         check_input(x, self.in_channels, self.arch)
-        domain = check_domain(domain, x.shape[0], self.num_domains, x.device, self.arch)
+        domain = check_domain(domain, self.num_domains, x, where=self.arch)
         if self.sharing == "none":
             return self.nets(x, domain)
         h = self.trunk(x, domain)  # shared convs: the whole batch at once
@@ -239,7 +241,7 @@ class LargeScaleNet(nn.Module):
 
     def class_mask(self, domain: Domain):
         """Boolean mask of the valid logits ((K_max,) or (N, K_max))."""
-        return _class_mask(self.num_classes, domain)
+        return _class_mask(self.num_classes, check_domain(domain, self.num_domains, where="class_mask"))
 
     def extra_repr(self) -> str:
         return (f"arch={self.arch!r}, num_classes={self.num_classes}, input_sizes={self.input_sizes}, "

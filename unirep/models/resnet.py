@@ -11,6 +11,8 @@ stage 2                 4 units, ``widths[1]``, /2     32x32
 stage 3                 4 units, ``widths[2]``, /2     16x16
 stage 4                 4 units, ``widths[3]``, /2     8x8
 final                   norm + ReLU, global avg pool   widths[3]
+                        (IN strategies: scale + ReLU,
+                        see ``final_norm``)
 head                    one linear layer per domain    K_max
 ======================  =============================  ===========
 
@@ -33,10 +35,10 @@ from typing import List, Optional, Sequence
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from unirep_kernels import DomainScale2d
+from unirep_kernels import Domain, DomainScale2d, check_domain
 
-from .common import (Domain, DomainHeads, DomainSequential, GlobalPool, PerDomain, SharedHead, check_domain,
-                     check_final_norm, check_input, check_num_classes, check_strategy, init_weights, make_norm)
+from .common import (DomainHeads, DomainSequential, GlobalPool, PerDomain, SharedHead, check_final_norm, check_input,
+                     check_num_classes, check_strategy, init_weights, make_norm)
 
 #: Per-stage filters at width x1: the paper's x2 and x4 lists ({64,128,256,512},
 #: {128,256,512,1024}) are exactly twice and four times this one (see docs/models.md).
@@ -128,6 +130,11 @@ class ResNet38(nn.Module):
         units_per_stage: residual units per stage (4 for ResNet-38).
         in_channels: input channels (3).
         backend: pin the normalization kernels' backend (default: the global selection).
+        final_norm: the layer before global pooling (see
+            :func:`unirep.models.common.resolve_final_norm`): "auto" (default: the
+            strategy's norm for BN strategies; for IN strategies the strategy's scale and
+            bias without normalization, since IN there erases what pooling reads), "same",
+            "affine", "relu" or a strategy name.
 
     Sharing: the domain-specific parts are separate copies built for a single domain (their
     norm layers have one row); the shared parts hold (D, C) or (C,) norm parameters as the
@@ -204,18 +211,18 @@ class ResNet38(nn.Module):
     def features(self, x: Tensor, domain: Domain) -> Tensor:
         """The (N, widths[-1]) pooled features (the input of the classifier)."""
         check_input(x, self.in_channels, "ResNet38")
-        domain = check_domain(domain, x.shape[0], self.num_domains, x.device, "ResNet38")
+        domain = check_domain(domain, self.num_domains, x, where="ResNet38")
         return self.body(x, domain)
 
     def forward(self, x: Tensor, domain: Domain) -> Tensor:
         check_input(x, self.in_channels, "ResNet38")
-        domain = check_domain(domain, x.shape[0], self.num_domains, x.device, "ResNet38")
+        domain = check_domain(domain, self.num_domains, x, where="ResNet38")
         return self.head(self.body(x, domain), domain)
 
     def class_mask(self, domain: Domain):
         """Boolean mask of the valid logits: (K_max,) for an int domain, (N, K_max) for a
         domain tensor."""
-        return _class_mask(self.num_classes, domain)
+        return _class_mask(self.num_classes, check_domain(domain, self.num_domains, where="class_mask"))
 
     def extra_repr(self) -> str:
         return (f"num_classes={self.num_classes}, strategy={self.strategy!r}, sharing={self.sharing!r}, "

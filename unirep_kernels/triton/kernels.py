@@ -15,11 +15,12 @@ per interpreter mode (``TRITON_INTERPRET`` is read when ``triton.jit`` runs, so 
 that turns the interpreter on after import still gets interpreted kernels).
 """
 
-import os
 import types
 
 import triton
 import triton.language as tl
+
+from ..backends import triton_interpreting as interpreting  # what triton.jit reads: interpreted kernels?
 
 # Only builtins of triton.language inside the kernels: tl.sum and tl.zeros are themselves
 # jitted functions, fixed as compiled or interpreted when triton is first imported, so they
@@ -249,14 +250,6 @@ def _input_grad(x_ptr, dy_ptr, dx_ptr, rows_ptr, center_ptr, scale_ptr, beta_ptr
 _RAW = dict(moments=_moments, affine=_affine, bn_train_fused=_bn_train_fused, grad_sums=_grad_sums,
             input_grad=_input_grad)
 _BUILT = {}
-
-
-def interpreting() -> bool:
-    """True when triton.jit currently builds interpreted (CPU, numpy) kernels."""
-    knobs = getattr(triton, "knobs", None)
-    if knobs is not None and hasattr(knobs, "runtime"):
-        return bool(knobs.runtime.interpret)  # what triton.jit itself reads
-    return os.environ.get("TRITON_INTERPRET", "0").strip().lower() in ("1", "true", "on", "yes", "y")
 
 
 def get_kernels() -> types.SimpleNamespace:

@@ -33,6 +33,7 @@ import numpy as np
 import torch
 
 from ..dataset import DomainDataset, MultiDomainData
+from ..paths import expand_path
 from ..transforms import resize_uint8, to_rgb
 from . import glyphs, shapes, signs
 from .render import to_uint8
@@ -75,7 +76,7 @@ def default_cache_dir() -> Path:
     """``$UNIREP_CACHE_DIR``, else ``$XDG_CACHE_HOME/unirep``, else ``~/.cache/unirep``."""
     env = os.environ.get("UNIREP_CACHE_DIR")
     if env:
-        return Path(env)
+        return expand_path(env)
     xdg = os.environ.get("XDG_CACHE_HOME")
     return (Path(xdg) if xdg else Path.home() / ".cache") / "unirep"
 
@@ -186,8 +187,8 @@ def builtin_benchmark(root: str | os.PathLike | None = None, seed: int = 0,
         image_size: side of the returned square images (generated at 64, then resized).
         domains: names of the domains to use, in this order (default: all, in
             :data:`BUILTIN_DOMAINS` order).
-        progress: show a tqdm progress bar while generating (default: only when
-            generation takes more than 2 seconds).
+        progress: show progress while generating (default: only when generation takes
+            more than 2 seconds): a tqdm bar on a terminal, else a line every 30 seconds.
 
     Returns:
         a :class:`MultiDomainData` of :class:`DomainDataset` (RGB uint8 images, int64
@@ -200,7 +201,7 @@ def builtin_benchmark(root: str | os.PathLike | None = None, seed: int = 0,
         raise ValueError(f"duplicate domains in {names}")
     n_train = _sizes(train_per_domain, names, "train_per_domain")
     n_test = _sizes(test_per_domain, names, "test_per_domain")
-    root = Path(root) if root is not None else default_cache_dir()
+    root = expand_path(root) if root is not None else default_cache_dir()
     cached, todo = {}, []
     for n in names:
         path = _cache_path(root, n, seed, n_train[n], n_test[n])
@@ -210,11 +211,10 @@ def builtin_benchmark(root: str | os.PathLike | None = None, seed: int = 0,
         else:
             cached[n] = obj
     if todo:
-        from tqdm.auto import tqdm
+        from unirep._progress import progress_bar
 
         total = sum(n_train[n] + n_test[n] for n in todo)
-        bar = tqdm(total=total, desc="generating built-in benchmark", unit="img",
-                   disable=progress is False, delay=0 if progress else 2.0)
+        bar = progress_bar(total=total, desc="generating built-in benchmark", unit="img", enabled=progress)
         try:
             for n in todo:
                 bar.set_postfix_str(n)
