@@ -94,11 +94,13 @@ def _last_stage_side(image_size: int) -> int:
 def test_fast_preset_learns_by_design():
     fast = T.PRESETS["fast"]
     assert _last_stage_side(fast["image_size"]) >= 4
-    assert fast["augment"] is True and fast["label_smoothing"] > 0
+    assert fast["augment"] is True and fast["weight_decay"] > T.DEFAULTS["weight_decay"]
     assert fast["warmup_steps"] < fast["steps"]
     paper = T.PRESETS["paper"]  # section 4.1, unchanged
     assert (paper["image_size"], paper["units_per_stage"], paper["widths"], paper["batch_size"],
             paper["augment"]) == (64, 4, [32, 64, 128, 256], 128, True)
+    cfg = T.parse_config(["--preset", "paper"])
+    assert (cfg["weight_decay"], cfg["momentum"], cfg["label_smoothing"]) == (1e-4, 0.9, 0.0)
     cfg = T.parse_config([])
     assert cfg["steps"] == fast["steps"] and cfg["final_norm"] == "auto"
 
@@ -238,3 +240,17 @@ def test_an_interrupted_run_exits_130(monkeypatch, tmp_path):
 
     monkeypatch.setattr(cli, "run_table", other)
     assert cli.main(["table2", "--quick", "--out", str(tmp_path)]) == 1
+
+
+def test_parallel_runs_give_every_record_in_order(cache, tmp_path):
+    overrides = dict(image_size=16, widths=[4, 4, 8, 8], stem_width=4, train_per_domain=48, test_per_domain=16,
+                     batch_size=8, batches_per_domain=2, warmup_steps=1, progress=False, backend="cpp",
+                     cache_dir=str(cache), checkpoint_every=0)
+    result = E.run_table("table2", regime="quick", out=tmp_path, overrides=overrides, seeds=[0, 1], parallel=2)
+    assert [(r["seed"], r["config"]) for r in result["records"]] == [
+        (s, c.key) for s in (0, 1) for c in E.TABLES["table2"].configs]
+    for r in result["records"]:
+        assert (Path(r["run_dir"]) / "eval.json").exists() and r["steps"] == 6
+    again = E.run_table("table2", regime="quick", out=tmp_path, overrides=overrides, seeds=[0, 1], parallel=2)
+    assert all(r["reused"] for r in again["records"])  # finished runs are reused, not run again
+    assert [r["mean_error"] for r in again["records"]] == [r["mean_error"] for r in result["records"]]

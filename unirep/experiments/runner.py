@@ -148,7 +148,8 @@ def runs_folder(out: str | Path, spec: TableSpec) -> Path:
 def run_table(table: str, quick: bool = False, out: str | Path = "runs/experiments",
               overrides: Optional[Mapping[str, Any]] = None, results_dir: Optional[str | Path] = None,
               command: Optional[str] = None, dry_run: bool = False,
-              seeds: Optional[Sequence[int]] = None, regime: Optional[str] = None) -> Dict[str, Any]:
+              seeds: Optional[Sequence[int]] = None, regime: Optional[str] = None,
+              parallel: int = 1) -> Dict[str, Any]:
     """Run every configuration of ``table`` (a table of the paper: "table2", "table3",
     "table4"; or one of our checks: "convergence", "in-ablation") and write the comparison
     with the paper as ``OUT/<table>/<table>.{md,csv,png}``.
@@ -171,6 +172,12 @@ def run_table(table: str, quick: bool = False, out: str | Path = "runs/experimen
             of the first seed run before those of the next.
         regime: "quick", "converged" or "full" (default: "quick" if ``quick`` else "full");
             see :data:`unirep.experiments.REGIMES`.
+        parallel: train this many configurations at a time, each in its own process with
+            an equal share of torch's threads (on a CPU, two single-threaded runs do about
+            20% more work than one run on two threads; see docs/experiments.md). A run is
+            seeded and bitwise repeatable for a given thread count; another thread count
+            changes the convolutions' last bits, so ``parallel`` changes results within
+            the seed-to-seed noise, not more.
 
     Returns:
         ``{"spec", "settings", "seeds", "records" (one per configuration and seed), "rows"
@@ -197,9 +204,9 @@ def run_table(table: str, quick: bool = False, out: str | Path = "runs/experimen
                 "wall_seconds": 0.0}
     folder = Path(out) / spec.name
     folder.mkdir(parents=True, exist_ok=True)
-    jobs = [(s, c) for s in seeds for c in spec.configs]
-    records = [_run_config(spec, c, dict(settings, seed=s), runs / run_dir_name(c, s), i, len(jobs))
-               for i, (s, c) in enumerate(jobs, 1)]
+    jobs = [(spec, c, dict(settings, seed=s), runs / run_dir_name(c, s), i, len(seeds) * len(spec.configs))
+            for i, (s, c) in enumerate(((s, c) for s in seeds for c in spec.configs), 1)]
+    records = _run_jobs(jobs, parallel)
     wall = time.perf_counter() - t0
     command = command or f"python -m unirep.experiments {spec.name} --regime {regime}"
     rows = aggregate(spec, records)
@@ -220,6 +227,25 @@ def run_table(table: str, quick: bool = False, out: str | Path = "runs/experimen
     print(f"{spec.name}: {wall:.0f} s in all; files: {', '.join(str(f) for f in files)}", file=sys.stderr)
     return {"spec": spec, "settings": settings, "seeds": seeds, "records": records, "rows": rows, "files": files,
             "wall_seconds": wall}
+
+
+def _run_jobs(jobs: Sequence[tuple], parallel: int) -> List[Dict[str, Any]]:
+    """Records of ``_run_config(*job)`` for every job, in order; ``parallel`` at a time in
+    worker processes (the longest-looking first: the widest models, so that no long run is
+    left alone at the end)."""
+    if parallel < 1:
+        raise ValueError(f"parallel must be >= 1, got {parallel}")
+    todo = [j for j in jobs if not (j[3] / "eval.json").exists()]
+    if parallel == 1 or len(todo) <= 1:
+        return [_run_config(*job) for job in jobs]
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+    threads = max(1, torch.get_num_threads() // parallel)
+    order = sorted(range(len(jobs)), key=lambda i: -jobs[i][1].width * jobs[i][1].steps_factor)
+    with ProcessPoolExecutor(parallel, mp_context=multiprocessing.get_context("spawn"),
+                             initializer=torch.set_num_threads, initargs=(threads,)) as pool:
+        futures = {i: pool.submit(_run_config, *jobs[i]) for i in order}
+        return [futures[i].result() for i in range(len(jobs))]
 
 
 def aggregate(spec: TableSpec, records: Sequence[Mapping[str, Any]]) -> List[Dict[str, Any]]:
