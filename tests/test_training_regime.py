@@ -254,3 +254,48 @@ def test_parallel_runs_give_every_record_in_order(cache, tmp_path):
     again = E.run_table("table2", regime="quick", out=tmp_path, overrides=overrides, seeds=[0, 1], parallel=2)
     assert all(r["reused"] for r in again["records"])  # finished runs are reused, not run again
     assert [r["mean_error"] for r in again["records"]] == [r["mean_error"] for r in result["records"]]
+
+
+def test_a_configuration_another_process_trains_is_left_for_last_and_waited_for(cache, tmp_path, monkeypatch):
+    """Two experiments commands sharing --out (a table and a check reusing its runs) never
+    train one configuration at once: a run directory locked by a live process is skipped,
+    the others are trained, then it is waited for and its result reused."""
+    import subprocess
+    import sys
+    from unirep.experiments import runner
+    overrides = dict(image_size=16, widths=[4, 4, 8, 8], stem_width=4, train_per_domain=48, test_per_domain=16,
+                     batch_size=8, batches_per_domain=2, warmup_steps=1, progress=False, backend="cpp",
+                     cache_dir=str(cache), checkpoint_every=0)
+    spec = E.TABLES["table2"]
+    settings = E.table_settings("table2", regime="quick", overrides=overrides)
+    busy_dir = tmp_path / "table2" / "deep"
+    busy_dir.mkdir(parents=True)
+    owner = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        (busy_dir / runner.LOCK_FILE).write_text(f"{owner.pid}\n")
+        with pytest.raises(runner.RunBusy, match="being trained by process"):
+            runner._run_config(spec, spec.config("deep"), settings, busy_dir, 1, 1, wait=False)
+        order = []
+        real_train = runner._train_config
+
+        def train(spec_, config, run_dir, *a):
+            order.append(config.key)
+            record = real_train(spec_, config, run_dir, *a)
+            if config.key == "full":  # meanwhile the other process finishes "deep" and exits
+                cfg = T.resolve_config(E.trainer_config(spec, spec.config("deep"), settings, busy_dir))
+                T.Trainer(cfg).run()
+                owner.kill()
+                owner.wait()
+            return record
+
+        monkeypatch.setattr(runner, "_train_config", train)
+        monkeypatch.setattr(runner, "LOCK_POLL_SECONDS", 0.05)
+        result = E.run_table("table2", regime="quick", out=tmp_path, overrides=overrides)
+    finally:
+        owner.kill()
+        owner.wait()
+    assert order == ["none", "full"]  # "deep" was never trained by this command
+    deep = result["records"][1]
+    assert deep["config"] == "deep" and deep["reused"] and deep["steps"] == 6
+    assert runner._lock_owner(busy_dir) is None  # the other process's lock is stale now
+    assert not any((tmp_path / "table2" / k / runner.LOCK_FILE).exists() for k in ("none", "full"))

@@ -4,7 +4,9 @@ and the table written (:mod:`.report`)."""
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import platform
 import shutil
 import sys
@@ -69,9 +71,73 @@ def count_model_parameters(cfg: Mapping[str, Any], num_classes: Sequence[int]) -
     return count_parameters(model), specific
 
 
+class RunBusy(Exception):
+    """A run directory is being trained by another live process (see :func:`_claim`)."""
+
+
+LOCK_FILE = "running.pid"
+
+
+def _lock_owner(run_dir: Path) -> Optional[int]:
+    """The live process that holds ``run_dir``'s lock, or None (no lock, or a stale one)."""
+    try:
+        pid = int((run_dir / LOCK_FILE).read_text().strip() or 0)
+    except (FileNotFoundError, ValueError):
+        return None
+    if pid <= 0 or pid == os.getpid():
+        return None
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return None
+    except PermissionError:  # alive, another user's
+        pass
+    return pid
+
+
+@contextlib.contextmanager
+def _claim(run_dir: Path):
+    """Hold ``run_dir/running.pid`` while training there, so that two experiments commands
+    sharing an ``--out`` (e.g. a table and a check that reuses its runs) never train the
+    same configuration at once. A lock left by a dead process is taken over."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    lock = run_dir / LOCK_FILE
+    while True:
+        try:
+            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+        except FileExistsError:
+            owner = _lock_owner(run_dir)
+            if owner is not None:
+                raise RunBusy(f"{run_dir} is being trained by process {owner}") from None
+            lock.unlink(missing_ok=True)  # stale
+            continue
+        with os.fdopen(fd, "w") as f:
+            f.write(f"{os.getpid()}\n")
+        break
+    try:
+        yield
+    finally:
+        lock.unlink(missing_ok=True)
+
+
+#: seconds between two looks at a lock held by another process
+LOCK_POLL_SECONDS = 30.0
+
+
+def _wait_until_free(run_dir: Path, head: str) -> None:
+    owner = _lock_owner(run_dir)
+    if owner is not None:
+        print(f"{head}: waiting for process {owner}, which is training {run_dir}", file=sys.stderr, flush=True)
+    while _lock_owner(run_dir) is not None:
+        time.sleep(LOCK_POLL_SECONDS)
+
+
 def _run_config(spec: TableSpec, config: Config, settings: Mapping[str, Any], run_dir: Path,
-                index: int, total: int) -> Dict[str, Any]:
-    """Run (or reuse, or resume) one configuration; returns its result record."""
+                index: int, total: int, wait: bool = True) -> Dict[str, Any]:
+    """Run (or reuse, or resume) one configuration; returns its result record.
+
+    If another process is training ``run_dir``: wait for it and reuse its result
+    (``wait=True``), or raise :class:`RunBusy`."""
     from unirep import train as T
     given = trainer_config(spec, config, settings, run_dir)
     intended = T.resolve_config(given)
@@ -91,6 +157,21 @@ def _run_config(spec: TableSpec, config: Config, settings: Mapping[str, Any], ru
             record = _record(spec, config, report, device="unknown", wall=None)
             result_path.write_text(json.dumps(record, indent=2) + "\n")
         return dict(record, reused=True, run_dir=str(run_dir))
+    try:
+        with _claim(run_dir):
+            return _train_config(spec, config, run_dir, given, intended, head)
+    except RunBusy:
+        if not wait:
+            raise
+    _wait_until_free(run_dir, head)
+    return _run_config(spec, config, settings, run_dir, index, total, wait=True)
+
+
+def _train_config(spec: TableSpec, config: Config, run_dir: Path, given: Dict[str, Any],
+                  intended: Dict[str, Any], head: str) -> Dict[str, Any]:
+    """Train one configuration in ``run_dir`` (resuming its checkpoint if there is one)."""
+    from unirep import train as T
+    result_path, eval_path, ckpt_path = run_dir / "experiment.json", run_dir / "eval.json", run_dir / T.CHECKPOINT
     checkpoint = None
     if ckpt_path.exists():
         checkpoint = T.load_checkpoint(ckpt_path)  # the only load: the trainer restores from it
@@ -237,7 +318,17 @@ def _run_jobs(jobs: Sequence[tuple], parallel: int) -> List[Dict[str, Any]]:
         raise ValueError(f"parallel must be >= 1, got {parallel}")
     todo = [j for j in jobs if not (j[3] / "eval.json").exists()]
     if parallel == 1 or len(todo) <= 1:
-        return [_run_config(*job) for job in jobs]
+        # a configuration another process is training is left for last, then waited for
+        records: Dict[int, Dict[str, Any]] = {}
+        for i, job in enumerate(jobs):
+            try:
+                records[i] = _run_config(*job, wait=False)
+            except RunBusy:
+                pass
+        for i, job in enumerate(jobs):
+            if i not in records:
+                records[i] = _run_config(*job, wait=True)
+        return [records[i] for i in range(len(jobs))]
     import multiprocessing
     from concurrent.futures import ProcessPoolExecutor
     threads = max(1, torch.get_num_threads() // parallel)
