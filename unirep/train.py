@@ -1,7 +1,7 @@
 """``python -m unirep.train``: the paper's training regime (section 3.3) on one device or many.
 
 Pure batches visiting the domains round-robin (or mixed batches), SGD with momentum 0.9 and
-weight decay 1e-4, a short warm-up at lr 0.01 then 0.1 decayed to 1e-4, per-domain top-1
+weight decay (1e-4; 5e-4 in the fast preset), a short warm-up at lr 0.01 then 0.1 decayed to 1e-4, per-domain top-1
 error at the end.  Run ``python -m unirep.train --help`` for every option; see
 docs/training.md for outputs, resuming and ``torchrun``.
 
@@ -74,7 +74,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = _cli.ArgumentParser(
         prog="python -m unirep.train",
         description="Train a multi-domain network (Bilen & Vedaldi 2017, section 3.3): pure batches "
-                    "visiting the domains round-robin, SGD momentum 0.9, weight decay 1e-4, warm-up at "
+                    "visiting the domains round-robin, SGD momentum 0.9, weight decay (the paper's 1e-4; 5e-4 in "
+                    "the fast preset), warm-up at "
                     "lr 0.01 then 0.1 decayed to 1e-4; ends with the per-domain top-1 error table. "
                     "With no arguments: bn-domain, deep sharing, the built-in benchmark, the 'fast' preset. "
                     "Many processes: torchrun --nproc_per_node N -m unirep.train ...",
