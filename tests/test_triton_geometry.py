@@ -33,13 +33,13 @@ SHAPES = [(128, 16, 64, 64), (128, 32, 64, 64), (128, 64, 32, 32), (128, 128, 16
           (4, 3, 5), (6, 2), (3, 5, 224, 224)]
 
 
-@pytest.mark.parametrize("acc_bytes", [4, 8])
+@pytest.mark.parametrize("acc_bytes, inputs", [(4, 1), (4, 2), (8, 1)])
 @pytest.mark.parametrize("sms", [1, 8, SMS])
 @pytest.mark.parametrize("layout", [NCHW, CL])
 @pytest.mark.parametrize("shape", SHAPES)
-def test_two_pass_tiles_cover_x_once(shape, layout, sms, acc_bytes):
+def test_two_pass_tiles_cover_x_once(shape, layout, sms, acc_bytes, inputs):
     n, c, s, sc = plane_view(shape, layout)
-    t = g.tiles(n, c, s, sc, sms, acc_bytes)
+    t = g.tiles(n, c, s, sc, sms, acc_bytes, inputs)
     for v in (t.block_c, t.block_s, t.num_warps):
         assert v >= 1 and v & (v - 1) == 0  # powers of two (tl.arange, num_warps)
     assert t.grid == (n, g.cdiv(c, t.block_c), t.sb)
@@ -48,8 +48,10 @@ def test_two_pass_tiles_cover_x_once(shape, layout, sms, acc_bytes):
     assert t.block_c <= g.next_power_of_2(c) and t.block_s <= g.next_power_of_2(s)
     assert t.block_c * t.block_s <= g.TILE_ELEMENTS
     assert g.MIN_WARPS <= t.num_warps <= g.MAX_WARPS
-    # each thread holds at most BYTES_PER_THREAD of a tile-sized accumulator intermediate
-    assert t.block_c * t.block_s * acc_bytes <= 32 * t.num_warps * g.BYTES_PER_THREAD or t.num_warps == g.MAX_WARPS
+    # each thread holds at most BYTES_PER_THREAD of each input's tile in the accumulator type
+    assert t.block_c * t.block_s * inputs * acc_bytes <= 32 * t.num_warps * g.BYTES_PER_THREAD
+    one = g.tiles(n, c, s, sc, sms, acc_bytes)
+    assert (t.block_c, t.block_s, t.grid, t.s_per_prog) == (one.block_c, one.block_s, one.grid, one.s_per_prog)
 
 
 @pytest.mark.parametrize("layout", [NCHW, CL])

@@ -91,10 +91,11 @@ def _sm_count(device: torch.device) -> int:
     return _SM_COUNT[index]
 
 
-def _tiles(xd: Tensor) -> Tuple[Tuple[int, int, int, int, int, int], geometry.Tiles]:
-    """The plane view of a dense x and the two-pass tiles for its device."""
+def _tiles(xd: Tensor, inputs: int = 1) -> Tuple[Tuple[int, int, int, int, int, int], geometry.Tiles]:
+    """The plane view of a dense x and the two-pass tiles for its device (``inputs``:
+    tensors of x's shape the kernel reads)."""
     n, c, s, sn, sc, ss = view = _strides(xd)
-    return view, geometry.tiles(n, c, s, sc, _sm_count(xd.device), _acc(xd.dtype).itemsize)
+    return view, geometry.tiles(n, c, s, sc, _sm_count(xd.device), _acc(xd.dtype).itemsize, inputs)
 
 
 @contextlib.contextmanager
@@ -175,7 +176,7 @@ def _affine(xd: Tensor, rows: Tensor, center: Tensor, scale: Tensor, beta: Tenso
 def _grad_sums(xd: Tensor, dy: Tensor, rows: Tensor, center: Tensor, scale: Tensor, beta: Tensor,
                relu: bool) -> Tuple[Tensor, Tensor]:
     """Per (sample, channel): sum of g and of g * (x - center), (N, C) each."""
-    (n, c, s, sn, sc, ss), t = _tiles(xd)
+    (n, c, s, sn, sc, ss), t = _tiles(xd, inputs=2)
     ps1 = torch.empty((n, t.sb, c), dtype=center.dtype, device=xd.device)
     ps2 = torch.empty_like(ps1)
     _launch(get_kernels().grad_sums, t.grid, xd, dy, rows, center, scale, beta, ps1, ps2, c, s, sn, sc, ss,
@@ -184,7 +185,7 @@ def _grad_sums(xd: Tensor, dy: Tensor, rows: Tensor, center: Tensor, scale: Tens
 
 
 def _input_grad(xd: Tensor, dy: Tensor, rows: Tensor, tables, k, relu: bool) -> Tensor:
-    (n, c, s, sn, sc, ss), t = _tiles(xd)
+    (n, c, s, sn, sc, ss), t = _tiles(xd, inputs=2)
     dx = torch.empty_like(xd)
     center, scale, beta = tables
     ka, kx, k0 = k

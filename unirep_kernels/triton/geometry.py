@@ -107,10 +107,12 @@ def lane_use(s: int, block_s: int) -> float:
     return s / (cdiv(s, block_s) * block_s)
 
 
-def tiles(n: int, c: int, s: int, sc: int, sm_count: int, acc_bytes: int = 4) -> Tiles:
+def tiles(n: int, c: int, s: int, sc: int, sm_count: int, acc_bytes: int = 4, inputs: int = 1) -> Tiles:
     """Tile [BLOCK_C, BLOCK_S] with the unit-stride axis long (sc == 1: channels_last or
     S == 1), and the spatial split that gives a GPU of ``sm_count`` SMs enough programs
-    (``sm_count=1``: the interpreter, which runs programs one after another)."""
+    (``sm_count=1``: the interpreter, which runs programs one after another). ``inputs``:
+    tensors of x's shape the kernel reads (2 in the backward: x and dy), which count
+    towards the values a thread holds."""
     np2 = next_power_of_2
     target = PROGRAMS_PER_SM * sm_count if sm_count > 1 else 1
     if sc == 1:  # channels are contiguous: rows of up to 64 of them
@@ -134,7 +136,7 @@ def tiles(n: int, c: int, s: int, sc: int, sm_count: int, acc_bytes: int = 4) ->
     sb = max(1, min(chunks, cdiv(target, n * cb)))
     s_per_prog = cdiv(chunks, sb) * block_s
     sb = cdiv(s, s_per_prog)
-    return Tiles(block_c, block_s, (n, cb, sb), s_per_prog, sb, warps_for(block_c * block_s, acc_bytes))
+    return Tiles(block_c, block_s, (n, cb, sb), s_per_prog, sb, warps_for(block_c * block_s * inputs, acc_bytes))
 
 
 def fused_tiles(n: int, c: int, s: int, sc: int, acc_bytes: int, sm_count: int) -> Optional[FusedTiles]:
