@@ -12,9 +12,10 @@
 #   - every unirep:: op has a CUDA kernel (its own, or a device-generic one);
 #   - the kernels' resources (cuobjdump: registers, stack, local memory);
 #   - tests/test_cuda_backend.py and tests/test_registration.py pass or skip cleanly.
+# The per-file compile times (ninja's log) go into the summary too.
 # Prints a summary and writes it to benchmarks/results/cuda-link-check-<date>.md. The venv
 # and the build copy are deleted at the end (KEEP=1 keeps them). Not part of .ci/run (the
-# download is several GB): re-run it whenever csrc/ changes.
+# download is several GB): re-run it whenever csrc/cuda (or anything else in csrc/) changes.
 #
 # Environment: TORCH_VERSION (2.14.1), TORCH_CUDA_ARCH_LIST (9.0), MAX_JOBS (2), PYTHON
 # (python3), WORK (a new temporary folder), OUT (the summary file).
@@ -25,6 +26,14 @@ TORCH_VERSION="${TORCH_VERSION:-2.14.1}"
 export TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-9.0}"
 export MAX_JOBS="${MAX_JOBS:-2}"
 export UNIREP_FORCE_CUDA=1
+# torch takes CUDA_HOME from nvcc's location when it is unset; a wrapper such as
+# /usr/local/bin/nvcc gives /usr/local, which has no libcudart.so to link against.
+if [ -z "${CUDA_HOME:-}" ]; then
+  for d in /usr/local/cuda "$(dirname "$(dirname "$(readlink -f "$(command -v nvcc)")")")"; do
+    if [ -x "$d/bin/nvcc" ] && ls "$d"/lib*/libcudart.so >/dev/null 2>&1; then export CUDA_HOME="$d"; break; fi
+  done
+fi
+echo "CUDA_HOME=${CUDA_HOME:-unset, torch guesses}"
 WORK="${WORK:-$(mktemp -d "${TMPDIR:-/tmp}/unirep-cuda-link.XXXXXX")}"
 OUT="${OUT:-$REPO/benchmarks/results/cuda-link-check-$(date -u +%Y-%m-%d).md}"
 VENV="$WORK/venv"
@@ -59,6 +68,9 @@ stage install_torch "$VENV/bin/python" -m pip install -q "torch==$TORCH_VERSION"
   tar --null --ignore-failed-read -T - -cf - 2>/dev/null) | tar -C "$SRC" -xf -
 stage build bash -c "cd '$SRC' && nice -n 5 '$VENV/bin/python' setup.py build_ext --inplace"
 
+NINJA_TIMES="$(awk 'NR > 1 {sub(/.*\/csrc\//, "csrc/", $4); printf "| %s | %.0f s |\n", $4, ($2 - $1) / 1000}' \
+  "$SRC"/build/temp*/.ninja_log 2>/dev/null || true)"
+export NINJA_TIMES
 cd "$SRC"
 export LINK_SUMMARY="$WORK/summary.json"
 stage check "$VENV/bin/python" - <<'EOF'
@@ -68,9 +80,11 @@ import re
 import shutil
 import subprocess
 
+import importlib
+
 import torch
-import unirep_kernels  # noqa: F401
-from unirep_kernels import backends
+
+backends = importlib.import_module("unirep_kernels.backends")  # the module (the package re-exports a function)
 
 loaded = backends.extension_loaded()
 assert loaded, f"unirep_kernels._C did not load: {backends.backends()['cpp'][1]}"
@@ -118,15 +132,21 @@ STAGE_TIMES="$(printf '%s\n' "${STAGES[@]}")"
 export STAGE_TIMES TOTAL=$((SECONDS - t_all)) LOAD_BEFORE="$load_before" LOAD_AFTER="$(cut -d' ' -f1-3 /proc/loadavg)" \
   TESTS_LOG="$LOG/tests.log" NVCC="$(nvcc --version | tail -n 1)" OUT
 "$VENV/bin/python" - <<'EOF'
+import collections
 import datetime
 import json
 import os
 import platform
+import re
 
 s = json.load(open(os.environ["LINK_SUMMARY"]))
 tests = [line for line in open(os.environ["TESTS_LOG"]).read().splitlines() if line.strip()]
 result = tests[-1].strip("= ") if tests else "(no output)"
-skips = [line for line in tests if line.startswith("SKIPPED")]
+skips = collections.Counter()
+for line in tests:  # "SKIPPED [count] file:line: reason"
+    m = re.match(r"SKIPPED \[(\d+)\] \S+?:\d+: (.*)", line)
+    if m:
+        skips[m.group(2)] += int(m.group(1))
 yes = {True: "yes", False: "no"}
 lines = [
     f"# CUDA link check ({datetime.date.today().isoformat()})",
@@ -138,8 +158,9 @@ lines = [
     f"before, {os.environ['LOAD_AFTER']} after (shared with other jobs)",
     f"- torch {s['torch']} (CUDA {s['torch_cuda']}); nvcc: {os.environ['NVCC']}; "
     f"TORCH_CUDA_ARCH_LIST={os.environ.get('TORCH_CUDA_ARCH_LIST')}, MAX_JOBS={os.environ.get('MAX_JOBS')}, "
-    "UNIREP_FORCE_CUDA=1",
-    f"- `import unirep_kernels` loaded `_C`, built with CUDA kernels (a missing symbol would fail the load); "
+    f"UNIREP_FORCE_CUDA=1, CUDA_HOME={os.environ.get('CUDA_HOME', '(unset)')}",
+    f"- `import unirep_kernels` loaded `_C`, built with CUDA kernels (Python loads extensions with RTLD_NOW: an "
+    f"unresolved symbol would fail the import); "
     f"torch.cuda.is_available() = {s['cuda_available']}",
     f"- device code: {s['kernels']} kernels ({', '.join(s['archs']) or 'arch not listed'}); at most "
     f"{s['max_registers']} registers, stack {s['max_stack']} bytes, local memory {s['max_local']} bytes "
@@ -153,8 +174,11 @@ for o in s["ops"]:
     lines.append(f"| `{o['op']}` | {yes[o['cpu']]} | {yes[o['cuda']]} | {yes[o['generic']]} | {yes[o['cuda_dispatch']]} |")
 lines += ["", "| stage | time |", "|---|---|", *os.environ["STAGE_TIMES"].splitlines(),
           f"| total | {os.environ['TOTAL']} s |", ""]
+if os.environ.get("NINJA_TIMES"):
+    lines += [f"Compile time per file (ninja, MAX_JOBS={os.environ.get('MAX_JOBS')} on the loaded machine above):", "",
+              "| object | wall time |", "|---|---|", *os.environ["NINJA_TIMES"].splitlines(), ""]
 if skips:
-    lines += ["Skipped (they need a GPU):", "", "```", *skips, "```", ""]
+    lines += ["Skip reasons:", "", *[f"- {reason} ({count})" for reason, count in skips.most_common()], ""]
 text = "\n".join(lines)
 print(text)
 with open(os.environ["OUT"], "w") as f:

@@ -318,7 +318,8 @@ def summary(results: List[Result]) -> str:
 
 
 def report(results: List[Result], cases: List[Case], sm_count: int, seconds: float) -> str:
-    launches = sum(len(r.cases) for r in results)
+    archs = sorted({r.arch for r in results}, reverse=True)
+    launches = sum(len(r.cases) for r in results) // max(1, len(archs))
     return "\n".join([
         f"# Triton kernel resources (triton {triton.__version__})",
         "",
@@ -327,8 +328,8 @@ def report(results: List[Result], cases: List[Case], sm_count: int, seconds: flo
         f"for a {sm_count}-SM GPU (H100/H200), as the launchers in unirep_kernels/triton/_ops.py plan it. "
         f"{len(cases)} op calls ({', '.join(OPS)}; shapes {', '.join('x'.join(map(str, s)) for s in SHAPES)}; "
         f"NCHW and channels_last; {', '.join(sorted({c.dtype for c in cases}))}; per-domain statistics and affine, "
-        f"fused ReLU) make {launches} launches per arch-compile pass; each row is one distinct "
-        f"specialisation (registers, stack frame and spill bytes from triton's own `ptxas -v`). Compile time "
+        f"fused ReLU) make {launches} launches, compiled for {', '.join(f'sm_{a}' for a in archs)}; each row is "
+        f"one distinct specialisation (registers, stack frame and spill bytes from triton's own `ptxas -v`). Compile time "
         f"{seconds:.0f} s.",
         "",
         "```",

@@ -7,7 +7,10 @@ register spill, with the table of kernel, tile, registers and spills in the repo
 
 The launches are recorded from the launchers themselves (their geometry code, on meta
 tensors), then compiled by triton's own JIT under a stand-in driver; registers and spills
-come from triton's ptxas -v. About a minute and a half of CPU time; two compiler processes.
+come from triton's ptxas -v. About a minute of CPU time (52-58 s under triton 3.6 and 3.9 on
+2026-12-01, a 2-core VM), in two compiler processes.
+Skipped without triton (or with TRITON_INTERPRET set) unless UNIREP_REQUIRE_TRITON_COMPILE=1,
+which .ci/run sets so that CI cannot pass by skipping it.
 """
 
 from __future__ import annotations
@@ -18,7 +21,10 @@ import time
 
 import pytest
 
-triton = pytest.importorskip("triton")
+REQUIRED = os.environ.get("UNIREP_REQUIRE_TRITON_COMPILE") == "1"
+if not REQUIRED:
+    pytest.importorskip("triton")
+import triton  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
@@ -42,7 +48,7 @@ def _skip_reason():
 def compiled():
     reason = _skip_reason()
     if reason:
-        pytest.skip(reason)
+        (pytest.fail if REQUIRED else pytest.skip)(reason)
     cases = tr.default_cases()
     start = time.perf_counter()
     results = tr.compile_cases(cases, tr.H100_H200_SMS, ARCHS, workers=min(2, os.cpu_count() or 1))

@@ -130,3 +130,37 @@ def test_fused_or_two_pass_is_a_function_of_shape_and_sm_count():
 def test_warps_for():
     assert [g.warps_for(e, 4) for e in (128, 1024, 2048, 4096, 1 << 20)] == [4, 4, 8, 16, 16]
     assert [g.warps_for(e, 8) for e in (512, 1024, 2048)] == [4, 8, 16]
+
+
+def test_triton_paths_forces_each_path_in_the_launchers():
+    """benchmarks/triton_paths.py times the fused and the two-pass training forward on a GPU
+    by moving geometry's thresholds (force_path); the launchers must follow, and the
+    thresholds come back afterwards. Recorded on meta tensors with the 132-SM geometry."""
+    import os
+    import sys
+
+    bench = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks")
+    sys.path.insert(0, bench)
+    try:
+        import triton_paths
+        import triton_resources as tr
+    finally:
+        sys.path.remove(bench)
+
+    def kernels(shape, layout=NCHW):
+        return {launch[0].fn.__name__ for _, launch in tr.record([tr.Case("bn-train", shape, layout, "fp32")], SMS)}
+
+    fused, two_pass = {"_bn_train_fused"}, {"_moments", "_affine"}
+    saved = (g.FUSED_MIN_FILL, g.FUSED_MAX_ELEMENTS)
+    assert kernels((64, 64, 8, 8)) == two_pass  # 64 fused programs on 132 SMs: the geometry's pick
+    assert kernels((64, 512, 7, 7)) == fused
+    assert kernels((8, 64, 8, 8), CL) == two_pass
+    with triton_paths.force_path("fused"):
+        assert kernels((64, 64, 8, 8)) == fused
+        assert kernels((8, 64, 8, 8), CL) == fused  # 8 programs
+    with triton_paths.force_path("two-pass"):
+        assert kernels((64, 512, 7, 7)) == two_pass
+    assert (g.FUSED_MIN_FILL, g.FUSED_MAX_ELEMENTS) == saved
+    with pytest.raises(ValueError, match="path must be one of"):
+        with triton_paths.force_path("one-pass"):
+            pass

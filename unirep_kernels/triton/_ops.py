@@ -298,8 +298,8 @@ def domain_batch_norm_forward(x: Tensor, domain: Optional[Tensor], pure_domain: 
         y = torch.empty_like(xd)
         w = weight.to(acc).contiguous() if weight is not None else mean
         b = bias.to(acc).contiguous() if bias is not None else mean
-        _launch(get_kernels().bn_train_fused, fused.grid, xd, y, groups, domains, w, b, mean, var, n, c, s, sn, sc, ss, eps,
-                HAS_W=weight is not None, W_PER_ROW=weight is not None and weight.dim() == 2,
+        _launch(get_kernels().bn_train_fused, fused.grid, xd, y, groups, domains, w, b, mean, var, n, c, s, sn, sc,
+                ss, eps, HAS_W=weight is not None, W_PER_ROW=weight is not None and weight.dim() == 2,
                 HAS_B=bias is not None, B_PER_ROW=bias is not None and bias.dim() == 2, RELU=relu,
                 ACC=_tl_acc(acc), **fused.meta)
         return y, mean, var, count

@@ -28,8 +28,8 @@ MIN_TILE_ELEMENTS = 512
 # idle (fewer programs than this fraction of them) and the two-pass grid is larger.
 FUSED_MIN_FILL = 0.5
 # Bytes of each tile-sized intermediate a thread may hold (8 float32 or 4 float64 values):
-# num_warps grows with the tile until it fits (ptxas -v: 16 float32 values per thread took
-# 190-255 registers in the fused kernel and spilled at 32; 8 take about 100).
+# num_warps grows with the tile until it fits (ptxas -v on the fused kernel: 32 float32
+# values per thread spilled at 255 registers, 16 took 186-243, 8 take about 100).
 BYTES_PER_THREAD = 32
 MIN_WARPS, MAX_WARPS = 4, 16
 # A spatial tile leaves at most this fraction of its lanes as padding (a 7x7 plane in one
