@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -313,3 +314,55 @@ def test_error_notes_keep_the_message_not_the_advice():
                         'TORCH_LOGS="+dynamo"\n')
     assert norm_impls.describe_error(exc) == "InductorError: AssertionError: (no message)"
     assert norm_impls.describe_error(RuntimeError("bad shape\nmore detail")) == "RuntimeError: bad shape more detail"
+
+
+# --------------------------------------------------------------------------------------
+# benchmarks/gpu_check.sh: its stage bookkeeping, on a machine without a GPU, with a stand-in
+# for python that fails at once (the stages themselves need a GPU; this keeps the test fast).
+
+
+def _gpu_check(tmp_path, **env):
+    fake_python = tmp_path / "fake-python"
+    fake_python.write_text("#!/bin/sh\necho \"fake python $*\"\nexit 3\n")
+    fake_python.chmod(0o755)
+    out = tmp_path / "out"
+    run_env = {**os.environ, "OUT": str(out), "PYTHON": str(fake_python), **env}
+    proc = subprocess.run(["bash", os.path.join(BENCH, "gpu_check.sh")], env=run_env, capture_output=True, text=True,
+                          timeout=60)
+    with open(out / "summary.md") as f:
+        return proc, f.read(), out
+
+
+def test_gpu_check_times_each_stage_and_counts_failures(tmp_path):
+    """Every stage runs under its cap, is timed, reported as it ends and in the summary
+    printed last, and a failed (or unknown) stage counts in the exit status."""
+    proc, summary, out = _gpu_check(tmp_path, STAGES="paths train nonsense")
+    assert proc.returncode == 3, proc.stdout + proc.stderr
+    assert "== paths (cap 60 s): " in proc.stdout and "== paths: FAILED (rc 3), " in proc.stdout
+    for stage in ("paths", "train"):
+        assert re.search(rf"^\| {stage} \| FAILED \(rc 3\) \| \d+ \|$", summary, re.M), summary
+    assert "| nonsense | unknown | 0 |" in summary
+    assert re.search(r"^\| total \| \| \d+ \|$", summary, re.M)
+    assert proc.stdout.rstrip().endswith(summary.rstrip().splitlines()[-1])
+    with open(out / "gpu-check.log") as f:
+        assert "fake python benchmarks/triton_paths.py --out" in f.read()
+
+
+def test_gpu_check_skips_stages_past_its_deadline(tmp_path):
+    proc, summary, out = _gpu_check(tmp_path, STAGES="build tests bench", DEADLINE="0")
+    assert proc.returncode == 3
+    for stage in ("build", "tests", "bench"):
+        assert re.search(rf"^\| {stage} \| skipped \(-?\d+ s left of the 0 s deadline\) \| 0 \|$", summary, re.M)
+    with open(out / "gpu-check.log") as f:
+        assert "fake python setup.py" not in f.read()
+
+
+def test_gpu_check_names_a_sanitizer_that_refuses_the_machine(tmp_path):
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    sanitizer = bin_dir / "compute-sanitizer"
+    sanitizer.write_text("#!/bin/sh\necho '========= Error: Device not supported'\nexit 1\n")
+    sanitizer.chmod(0o755)
+    proc, summary, _ = _gpu_check(tmp_path, STAGES="memcheck", PATH=f"{bin_dir}:{os.environ['PATH']}")
+    assert proc.returncode == 1
+    assert "| memcheck | FAILED (rc 1): compute-sanitizer does not support this machine's GPU runtime |" in summary

@@ -41,14 +41,14 @@ def _interpreter():
 
 
 def _set_path(mp, path):
-    from unirep_kernels.triton import _ops
+    from unirep_kernels.triton import _ops, geometry
 
     if path in ("two-pass", "split"):
-        mp.setattr(_ops, "FUSED_MAX_ELEMENTS", 0)
+        mp.setattr(geometry, "FUSED_MAX_ELEMENTS", 0)
     if path == "split":
-        mp.setattr(_ops, "MAX_BLOCK_S", 4)
-        mp.setattr(_ops, "TILE_ELEMENTS", 8)
-        mp.setattr(_ops, "_target_programs", lambda device: 1 << 20)
+        mp.setattr(geometry, "MAX_BLOCK_S", 4)
+        mp.setattr(geometry, "TILE_ELEMENTS", 8)
+        mp.setattr(_ops, "_sm_count", lambda device: 1 << 18)
 
 
 @pytest.fixture(params=["fused", "two-pass"])
@@ -353,6 +353,33 @@ def test_split_path_in(monkeypatch, channels_last):
         results.append((y,) + torch.autograd.grad(y, (x, w), torch.cos(y.detach())))
     for mine, ref in zip(*results):
         torch.testing.assert_close(mine, ref, atol=1e-10, rtol=1e-10)
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+@pytest.mark.parametrize("shape", [(4, 24, (7, 7)), (4, 200, (3, 3)), (3, 6, (14, 14))])
+def test_geometry_planned_for_a_gpu(monkeypatch, shape, channels_last):
+    """The tiles a 132-SM GPU gets (7x7 planes in runs of 8, spatial splits, the fused
+    forward with one channel per program, tiles shrunk to fill the grid), run here under
+    the interpreter: BN forward (the path geometry.fused_tiles picks) and backward, IN."""
+    from unirep_kernels.triton import _ops, geometry
+
+    monkeypatch.setattr(_ops, "_sm_count", lambda device: 132)
+    n, c, spatial = shape
+    s = spatial[0] * spatial[1]
+    sc = 1 if channels_last else s
+    fused = geometry.fused_tiles(n, c, s, sc, 8, 132)
+    assert (fused is not None) == (c == 200)  # both paths of the training forward run here
+    for seed, (weight, bias) in enumerate(AFFINES[:2]):
+        case = _bn_case(shape, 3, "mixed-absent", weight, bias, "domain", seed, channels_last=channels_last)
+        compare_bn(case, "triton", atol=1e-10, rtol=1e-10, use_batch_stats=True, relu=True, momentum=0.3)
+        grads = [output_and_grads(run_bn, case, name, seed, use_batch_stats=True, relu=True)[1:]
+                 for name in ("triton", "reference")]
+        for mine, ref in zip(*grads):
+            torch.testing.assert_close(mine, ref, atol=1e-9, rtol=1e-9)
+        case["running_mean"] = case["running_var"] = None
+        results = [output_and_grads(run_in, case, name, seed, relu=True) for name in ("triton", "reference")]
+        for mine, ref in zip(*results):
+            torch.testing.assert_close(mine, ref, atol=1e-10, rtol=1e-10)
 
 
 def test_gradcheck_batch_norm():

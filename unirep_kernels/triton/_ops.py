@@ -16,24 +16,18 @@ every reduction is a fixed-order sum of per-block partials (no float atomics): r
 bitwise reproducible run to run.
 """
 
-from typing import Optional, Tuple
+import contextlib
+from typing import List, Optional, Tuple
 
 import torch
-import triton
 import triton.language as tl
 from torch import Tensor
 
 from .._autograd import register_autograd
+from . import geometry
 from .kernels import get_kernels, interpreting
 
 NAMESPACE = "unirep_triton"
-
-# Elements of x one program keeps in registers per tile (two-pass kernels), and the
-# largest N x C-block x S slice the one-read training forward holds on chip.
-TILE_ELEMENTS = 2048
-MAX_BLOCK_S = 1024
-FUSED_MAX_ELEMENTS = 4096
-FUSED_MAX_BATCH = 64
 
 
 def _acc(dtype: torch.dtype) -> torch.dtype:
@@ -80,33 +74,46 @@ def _like(t: Tensor, xd: Tensor) -> Tensor:
 
 
 _SM_COUNT = {}
+_RECORDING: Optional[Tuple[int, list]] = None  # (sm_count, launches) inside record_launches()
 
 
-def _target_programs(device: torch.device) -> int:
+def _sm_count(device: torch.device) -> int:
+    """SMs the launch geometry plans for: the device's; 1 under the interpreter (it runs
+    programs one after another: fewer is faster); the planned count inside
+    :func:`record_launches`."""
+    if _RECORDING is not None:
+        return _RECORDING[0]
     if interpreting() or device.type != "cuda":
-        return 1  # the interpreter runs programs one after another: fewer is faster
+        return 1
     index = device.index if device.index is not None else torch.cuda.current_device()
     if index not in _SM_COUNT:
         _SM_COUNT[index] = torch.cuda.get_device_properties(index).multi_processor_count
-    return 4 * _SM_COUNT[index]
+    return _SM_COUNT[index]
 
 
-def _geometry(n: int, c: int, s: int, sc: int, device: torch.device):
-    """Tile (BLOCK_C, BLOCK_S) with the unit-stride axis long, and the spatial split
-    (S_PER_PROG, SB) that gives the GPU enough programs."""
-    np2 = triton.next_power_of_2
-    if sc == 1:  # channels_last (or S == 1): channels are contiguous
-        block_c = min(np2(c), 64)
-        block_s = min(np2(s), max(1, TILE_ELEMENTS // block_c))
-    else:
-        block_s = min(np2(s), MAX_BLOCK_S)
-        block_c = min(np2(c), max(1, TILE_ELEMENTS // block_s))
-    cb = triton.cdiv(c, block_c)
-    chunks = triton.cdiv(s, block_s)
-    sb = max(1, min(chunks, triton.cdiv(_target_programs(device), n * cb)))
-    s_per_prog = triton.cdiv(chunks, sb) * block_s
-    sb = triton.cdiv(s, s_per_prog)
-    return dict(BLOCK_C=block_c, BLOCK_S=block_s), (n, cb, sb), s_per_prog, sb
+def _tiles(xd: Tensor, inputs: int = 1) -> Tuple[Tuple[int, int, int, int, int, int], geometry.Tiles]:
+    """The plane view of a dense x and the two-pass tiles for its device (``inputs``:
+    tensors of x's shape the kernel reads)."""
+    n, c, s, sn, sc, ss = view = _strides(xd)
+    return view, geometry.tiles(n, c, s, sc, _sm_count(xd.device), _acc(xd.dtype).itemsize, inputs)
+
+
+@contextlib.contextmanager
+def record_launches(sm_count: int):
+    """Launch nothing: inside this block every kernel launch of the ops is appended to the
+    yielded list as ``(kernel, grid, args, meta)``, with the geometry planned for a GPU of
+    ``sm_count`` SMs. Run the ops on meta tensors inside it (no memory, no device). For the
+    ahead-of-time compile check (tests/test_triton_compile.py), which compiles exactly these
+    launches."""
+    global _RECORDING
+    if interpreting():
+        raise RuntimeError("record_launches needs compiled kernels: unset TRITON_INTERPRET")
+    launches: List[tuple] = []
+    previous, _RECORDING = _RECORDING, (sm_count, launches)
+    try:
+        yield launches
+    finally:
+        _RECORDING = previous
 
 
 def _is_fake(t: Tensor) -> bool:
@@ -117,6 +124,9 @@ def _launch(kernel, grid, *args, **meta) -> None:
     """``wrap_triton(kernel)[grid](...)``; interpreted kernels (TRITON_INTERPRET=1) that the
     installed torch's wrap_triton refuses are launched directly, and skipped on fake
     tensors (the fake kernel only needs the outputs' metadata)."""
+    if _RECORDING is not None:
+        _RECORDING[1].append((kernel, grid, args, meta))
+        return
     try:
         launcher = torch.library.wrap_triton(kernel)
     except RuntimeError:
@@ -138,12 +148,12 @@ def _plane_moments(xd: Tensor, acc: torch.dtype, plane_shift: bool) -> Tuple[Ten
     shift is each plane's first value ((N, C), plane_shift) or the first value of each
     channel's first plane ((1, C)); the shifted means are small numbers, so the merges
     below lose nothing to a large common offset."""
-    n, c, s, sn, sc, ss = _strides(xd)
-    meta, grid, s_per_prog, sb = _geometry(n, c, s, sc, xd.device)
+    (n, c, s, sn, sc, ss), t = _tiles(xd)
+    s_per_prog, sb = t.s_per_prog, t.sb
     pmean = torch.empty((n, sb, c), dtype=acc, device=xd.device)
     pm2 = torch.empty_like(pmean)
-    _launch(get_kernels().moments, grid, xd, pmean, pm2, c, s, sn, sc, ss, s_per_prog, sb, PLANE_SHIFT=plane_shift,
-            ACC=_tl_acc(acc), **meta)
+    _launch(get_kernels().moments, t.grid, xd, pmean, pm2, c, s, sn, sc, ss, s_per_prog, sb, PLANE_SHIFT=plane_shift,
+            ACC=_tl_acc(acc), **t.meta)
     first = xd.reshape(n, c, s)[:, :, 0]
     shift = (first if plane_shift else first[:1]).to(acc)
     if sb == 1:
@@ -156,50 +166,32 @@ def _plane_moments(xd: Tensor, acc: torch.dtype, plane_shift: bool) -> Tuple[Ten
 
 
 def _affine(xd: Tensor, rows: Tensor, center: Tensor, scale: Tensor, beta: Tensor, relu: bool) -> Tensor:
-    n, c, s, sn, sc, ss = _strides(xd)
-    meta, grid, s_per_prog, _ = _geometry(n, c, s, sc, xd.device)
+    (n, c, s, sn, sc, ss), t = _tiles(xd)
     y = torch.empty_like(xd)
-    _launch(get_kernels().affine, grid, xd, y, rows, center, scale, beta, c, s, sn, sc, ss, s_per_prog, RELU=relu,
-            ACC=_tl_acc(center.dtype), **meta)
+    _launch(get_kernels().affine, t.grid, xd, y, rows, center, scale, beta, c, s, sn, sc, ss, t.s_per_prog, RELU=relu,
+            ACC=_tl_acc(center.dtype), **t.meta)
     return y
 
 
 def _grad_sums(xd: Tensor, dy: Tensor, rows: Tensor, center: Tensor, scale: Tensor, beta: Tensor,
                relu: bool) -> Tuple[Tensor, Tensor]:
     """Per (sample, channel): sum of g and of g * (x - center), (N, C) each."""
-    n, c, s, sn, sc, ss = _strides(xd)
-    meta, grid, s_per_prog, sb = _geometry(n, c, s, sc, xd.device)
-    ps1 = torch.empty((n, sb, c), dtype=center.dtype, device=xd.device)
+    (n, c, s, sn, sc, ss), t = _tiles(xd, inputs=2)
+    ps1 = torch.empty((n, t.sb, c), dtype=center.dtype, device=xd.device)
     ps2 = torch.empty_like(ps1)
-    _launch(get_kernels().grad_sums, grid, xd, dy, rows, center, scale, beta, ps1, ps2, c, s, sn, sc, ss, s_per_prog,
-            sb, RELU=relu, ACC=_tl_acc(center.dtype), **meta)
+    _launch(get_kernels().grad_sums, t.grid, xd, dy, rows, center, scale, beta, ps1, ps2, c, s, sn, sc, ss,
+            t.s_per_prog, t.sb, RELU=relu, ACC=_tl_acc(center.dtype), **t.meta)
     return ps1.sum(1), ps2.sum(1)  # fixed-order reduction over the spatial blocks
 
 
 def _input_grad(xd: Tensor, dy: Tensor, rows: Tensor, tables, k, relu: bool) -> Tensor:
-    n, c, s, sn, sc, ss = _strides(xd)
-    meta, grid, s_per_prog, _ = _geometry(n, c, s, sc, xd.device)
+    (n, c, s, sn, sc, ss), t = _tiles(xd, inputs=2)
     dx = torch.empty_like(xd)
     center, scale, beta = tables
     ka, kx, k0 = k
-    _launch(get_kernels().input_grad, grid, xd, dy, dx, rows, center, scale, beta, ka, kx, k0, c, s, sn, sc, ss,
-            s_per_prog, RELU=relu, ACC=_tl_acc(center.dtype), **meta)
+    _launch(get_kernels().input_grad, t.grid, xd, dy, dx, rows, center, scale, beta, ka, kx, k0, c, s, sn, sc, ss,
+            t.s_per_prog, RELU=relu, ACC=_tl_acc(center.dtype), **t.meta)
     return dx
-
-
-def _fused_geometry(n: int, c: int, s: int, sc: int):
-    """Tile of the one-read training forward, or None when a slice does not fit on chip."""
-    np2 = triton.next_power_of_2
-    block_n, block_s = np2(n), np2(s)
-    if block_n > FUSED_MAX_BATCH or block_n * block_s > FUSED_MAX_ELEMENTS:
-        return None
-    # Powers of two throughout: the x tile is block_n x block_c x block_s, the same-group
-    # matrix product block_n x block_n x block_c.
-    room = min(FUSED_MAX_ELEMENTS // (block_n * block_s), 2 * FUSED_MAX_ELEMENTS // (block_n * block_n))
-    block_c = min(np2(c), room, 64)
-    if block_c < 1 or (sc == 1 and s > 1 and block_c < min(np2(c), 8)):
-        return None  # channels_last with too few channels per tile would not coalesce
-    return dict(BLOCK_N=block_n, BLOCK_C=block_c, BLOCK_S=block_s), (triton.cdiv(c, block_c),)
 
 
 # ---------------------------------------------------------------------------------------
@@ -299,18 +291,17 @@ def domain_batch_norm_forward(x: Tensor, domain: Optional[Tensor], pure_domain: 
 
     g = d if stats_per_domain else 1
     groups = domains if stats_per_domain else torch.zeros_like(domains)
-    fused = _fused_geometry(n, c, s, sc)
+    fused = geometry.fused_tiles(n, c, s, sc, acc.itemsize, _sm_count(xd.device))
     if fused is not None:
-        meta, grid = fused
         mean = torch.zeros((g, c), dtype=acc, device=xd.device)
         var = torch.zeros_like(mean)
         y = torch.empty_like(xd)
         w = weight.to(acc).contiguous() if weight is not None else mean
         b = bias.to(acc).contiguous() if bias is not None else mean
-        _launch(get_kernels().bn_train_fused, grid, xd, y, groups, domains, w, b, mean, var, n, c, s, sn, sc, ss, eps,
-                HAS_W=weight is not None, W_PER_ROW=weight is not None and weight.dim() == 2,
+        _launch(get_kernels().bn_train_fused, fused.grid, xd, y, groups, domains, w, b, mean, var, n, c, s, sn, sc,
+                ss, eps, HAS_W=weight is not None, W_PER_ROW=weight is not None and weight.dim() == 2,
                 HAS_B=bias is not None, B_PER_ROW=bias is not None and bias.dim() == 2, RELU=relu,
-                ACC=_tl_acc(acc), **meta)
+                ACC=_tl_acc(acc), **fused.meta)
         return y, mean, var, count
 
     # Two passes: plane moments (Welford partials), fixed-order merge per group, affine.
