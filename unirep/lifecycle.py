@@ -24,8 +24,8 @@ from unirep_kernels import domain as domain_context
 
 from .models.common import DomainHeads, PerDomain
 
-__all__ = ["add_domain", "domain_parameters", "count_domain_parameters", "recalibrate", "batch_statistics",
-           "nearest_domain"]
+__all__ = ["add_domain", "domain_parameters", "count_domain_parameters", "shared_moment_layers", "recalibrate",
+           "batch_statistics", "nearest_domain"]
 
 DOMAIN_LAYERS = (DomainBatchNorm2d, DomainInstanceNorm2d, DomainScale2d)
 
@@ -172,6 +172,15 @@ def count_domain_parameters(model: nn.Module, domain: int) -> int:
     for _, p, rows in domain_parameters(model, domain):
         total += p.numel() if rows is None else int(rows.sum()) * (p.numel() // max(p.shape[0], 1))
     return total
+
+
+def shared_moment_layers(model: nn.Module) -> List[DomainBatchNorm2d]:
+    """The batch norms whose running moments every domain shares (universal (C,) moments,
+    outside any per-domain copy): ``python -m unirep.adapt --train domain`` keeps them in
+    eval mode, so that training one domain leaves the others' normalization as it was."""
+    layers, _ = _shared_parts(model)
+    return [m for m in layers if isinstance(m, DomainBatchNorm2d) and m.track_running_stats
+            and not m.batch_stats_at_eval and m.running_mean.dim() == 1 and getattr(model, "num_domains", 2) > 1]
 
 
 # ----------------------------------------------------------------------------- recalibration (AdaBN)
