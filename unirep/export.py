@@ -95,7 +95,8 @@ def _norm_module(layer: nn.Module, row: int, like: Tensor) -> nn.Module:
 
 
 def _relu(layer: nn.Module) -> List[nn.Module]:
-    return [nn.ReLU()] if getattr(layer, "relu", False) else []
+    # In place: it always follows a module that made a fresh tensor (a conv or a norm).
+    return [nn.ReLU(inplace=True)] if getattr(layer, "relu", False) else []
 
 
 def _conv_copy(conv: nn.Conv2d, weight: Tensor, bias: Optional[Tensor]) -> nn.Conv2d:
@@ -123,24 +124,50 @@ def _conv_then(conv: nn.Conv2d, layer: Optional[nn.Module], row: int) -> List[nn
     return [_conv_copy(conv, weight, bias)] + _relu(layer)
 
 
-def _plain(m: nn.Module, domain: int, row: int, like: Tensor) -> nn.Module:
+def _first_unit(m: nn.Module, domain: int, row: int) -> Optional[Tuple[PreActUnit, int]]:
+    """The first residual unit of a stage (shared or the domain's copy) and its row."""
+    if isinstance(m, PerDomain):
+        return _first_unit(m.copies[domain], domain, 0)
+    if isinstance(m, DomainSequential) and len(m) and isinstance(m[0], PreActUnit):
+        return m[0], row
+    return None
+
+
+def _plain(m: nn.Module, domain: int, row: int, like: Tensor, folded: set) -> nn.Module:
     """The plain equivalent of one part of a ResNet38 body for ``domain``; ``row``: the
     domain's row in this part's tensors (``domain`` in shared parts, 0 in a per-domain
-    copy, which is built for one domain)."""
+    copy, which is built for one domain); ``folded``: the ids of the units whose first norm
+    is already folded into the stem conv."""
     if isinstance(m, PerDomain):
-        return _plain(m.copies[domain], domain, 0, like)
+        return _plain(m.copies[domain], domain, 0, like, folded)
     if isinstance(m, DomainSequential):
-        return nn.Sequential(*[_plain(c, domain, row, like) for c in m])
+        parts = []
+        for i, c in enumerate(m):
+            if isinstance(c, Stem) and c.scale is None and i + 1 < len(m):
+                # The first unit's norm directly follows the stem conv, and with a projection
+                # shortcut nothing else reads the stem's output: fold the norm into the conv.
+                first = _first_unit(m[i + 1], domain, row)
+                if (first is not None and first[0].normalized and first[0].shortcut is not None
+                        and _affine_of(first[0].norm1, first[1]) is not None):
+                    parts.append(nn.Sequential(*_conv_then(c.conv, first[0].norm1, first[1])))
+                    folded.add(id(first[0]))
+                    continue
+            parts.append(_plain(c, domain, row, like, folded))
+        return nn.Sequential(*parts)
     if isinstance(m, Stem):
         return nn.Sequential(*_conv_then(m.conv, m.scale, row))
     if isinstance(m, PreActUnit):
-        if m.normalized:
+        if m.normalized and id(m) in folded:
+            pre = nn.Sequential()  # its norm is in the stem conv
+            branch = _conv_then(m.conv1, m.norm2, row) + _conv_then(m.conv2, None, row)
+            shortcut = nn.Sequential(*_conv_then(m.shortcut, None, row))
+        elif m.normalized:
             pre = nn.Sequential(_norm_module(m.norm1, row, like), *_relu(m.norm1))
             branch = _conv_then(m.conv1, m.norm2, row) + _conv_then(m.conv2, None, row)
             shortcut = None if m.shortcut is None else nn.Sequential(*_conv_then(m.shortcut, None, row))
         else:
             pre = nn.Sequential(nn.ReLU())
-            branch = _conv_then(m.conv1, m.scale1, row) + [nn.ReLU()] + _conv_then(m.conv2, m.scale2, row)
+            branch = _conv_then(m.conv1, m.scale1, row) + [nn.ReLU(inplace=True)] + _conv_then(m.conv2, m.scale2, row)
             shortcut = (None if m.shortcut is None
                         else nn.Sequential(*_conv_then(m.shortcut, m.scale_shortcut, row)))
         return _Residual(pre, nn.Sequential(*branch), shortcut)
@@ -188,8 +215,10 @@ def export_domain(model: nn.Module, domain: int) -> torch.fx.GraphModule:
 
     - A batch norm with running moments (``bn-domain``, ``bn-domain-moments``,
       ``bn-universal``) that directly follows a conv (the second norm of every unit, after
-      conv1) is folded into that conv's weight and bias. Where no conv precedes it (the
-      first norm of every unit, whose input is a residual sum, and the final norm) it
+      conv1; the first norm of the first unit, after the stem conv, when that unit has a
+      projection shortcut, so that nothing else reads the stem's output) is folded into
+      that conv's weight and bias. Where no conv precedes it (the first norm of the other
+      units, whose input is a residual sum, and the final norm) it
       becomes a per-channel affine y = s x + b: an eval-mode ``BatchNorm2d`` with moments
       0 and 1 and eps 0, whose weight and bias are s and b.
     - Strategy ``none``: every ``DomainScale2d`` follows a conv and is folded into it.
@@ -212,6 +241,6 @@ def export_domain(model: nn.Module, domain: int) -> torch.fx.GraphModule:
         raise TypeError(f"export_domain: model must be a unirep.models.ResNet38, got {type(model).__name__}")
     d = one_domain(domain, model.num_domains, "export_domain")
     like = next(model.parameters())
-    plain = nn.Sequential(_plain(model.body, d, d, like), _head(model.head, d))
+    plain = nn.Sequential(_plain(model.body, d, d, like, set()), _head(model.head, d))
     traced = torch.fx.symbolic_trace(plain)
     return traced.eval()
