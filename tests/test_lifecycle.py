@@ -31,6 +31,15 @@ CONFIGS = [("bn-domain", "deep"), ("bn-domain-moments", "partial-first"), ("in-d
            ("bn-domain", "none")]
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """The models here are tiny: a second thread only adds contention on a shared machine."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def randomized(strategy, sharing, num_classes=(3, 5, 4), seed=0, **kw):
     """A small ResNet38 whose every parameter and moment is random (no 0/1 left)."""
     torch.manual_seed(seed)
