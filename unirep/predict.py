@@ -60,12 +60,35 @@ def predict(model, images: torch.Tensor, domain: int, mean: torch.Tensor, std: t
     return torch.cat(probs)
 
 
+#: ``--domain`` value for images of a domain the run does not know.
+AUTO = "auto-bn+"
+
+
+@torch.no_grad()
+def predict_unseen(model, images: torch.Tensor, device="cpu"):
+    """Images of a domain the run does not know (``--domain auto-bn+``), a heuristic:
+    whitened with their own channel statistics (as a new domain's would be), normalized
+    with their own batch statistics in every batch norm (BN+), and classified by the
+    known domain whose head gives the lowest mean normalized prediction entropy
+    (:func:`unirep.lifecycle.nearest_domain`). All the images form one batch: give many.
+    Returns ``(domain, probabilities (N, K_max), {domain: entropy})``."""
+    from unirep.data import channel_stats, whiten
+    from unirep.lifecycle import nearest_domain
+    mean, std = channel_stats(images)
+    x = whiten(images.to(device), mean.to(device), std.to(device))
+    d, probs, entropies = nearest_domain(model, x)
+    return d, probs.cpu(), entropies
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     p = _cli.ArgumentParser(prog="python -m unirep.predict",
                             description="Classify image files as images of one domain of a trained run.")
     p.add_argument("run_dir", help="a run directory of python -m unirep.train (or its checkpoint.pt)")
     p.add_argument("images", nargs="+", help="image files (anything Pillow reads)")
-    p.add_argument("--domain", required=True, help="domain name (or index) the images come from")
+    p.add_argument("--domain", required=True,
+                   help="domain name (or index) the images come from; or auto-bn+ for images of a domain the run "
+                        "does not know: normalized with the images' own statistics (BN+) and classified by the "
+                        "domain whose head is most confident on them (a heuristic; give many images at once)")
     p.add_argument("--top", type=_cli.positive_int, default=1, help="classes to print per image (default 1)")
     _cli.add_run_options(p)
     p.add_argument("--json", action="store_true", help="print JSON lines instead of text")
@@ -76,16 +99,29 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         cfg, model, ckpt = load_run(args.run_dir, device)
         meta = ckpt["data"]
         names: List[str] = meta["names"]
-        if args.domain in names:
+        auto = args.domain == AUTO
+        if auto:
+            d = None
+        elif args.domain in names:
             d = names.index(args.domain)
         elif args.domain.isdigit() and int(args.domain) < len(names):
             d = int(args.domain)
         else:
-            raise _cli.CLIError("--domain", f"unknown domain {args.domain!r}; the run has {names}")
+            raise _cli.CLIError("--domain", f"unknown domain {args.domain!r}; the run knows {', '.join(names)} "
+                                            f"(or use --domain {AUTO} for images of another domain)")
         images, paths, bad = load_images(args.images, int(meta["image_size"]))
         for why in bad.values():  # each on its own line; the good images are still classified
             print(f"error: {why}", file=sys.stderr, flush=True)
-        probs = predict(model, images, d, meta["mean"][d], meta["std"][d], device) if paths else []
+        probs = []
+        if paths and auto:
+            d, probs, entropies = predict_unseen(model, images, device)
+            print(f"{AUTO}: nearest domain {names[d]} (mean normalized prediction entropy "
+                  + ", ".join(f"{names[c]} {h:.3f}" for c, h in sorted(entropies.items(), key=lambda e: e[1]))
+                  + ")", file=sys.stderr, flush=True)
+        elif paths:
+            probs = predict(model, images, d, meta["mean"][d], meta["std"][d], device)
+        if d is None:  # auto, and no image could be read
+            return _cli.EXIT_USAGE
     classes = meta["classes"][d]
     k = max(1, min(args.top, len(classes)))
     for path, pr in zip(paths, probs):

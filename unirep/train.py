@@ -43,7 +43,23 @@ DEFAULTS: Dict[str, Any] = dict(
     accumulate=1, lr=0.1, warmup_lr=0.01, warmup_steps=None, final_lr=1e-4, decay=None,
     momentum=0.9, weight_decay=1e-4, label_smoothing=0.0, seed=0, device="auto", backend="auto", out=None, resume=None,
     checkpoint_every=None, stop_at=None, eval_batch_size=256, progress=None, preset="fast", cache_dir=None,
+    added_domains=None, init_from=None, train_domains=None, trainable="all",
 )
+
+#: What the options of the domain lifecycle (``python -m unirep.adapt``) mean; they are
+#: configuration keys like the others, so an adapted run is an ordinary run directory:
+#:
+#: - ``added_domains``: domains appended after those of ``data``, a list of dicts
+#:   ``{"builtin": NAME}`` or ``{"path": PATH, "format": FORMAT}``, each with an optional
+#:   ``"name"`` (the domain's name in the run; default its own).
+#: - ``init_from``: a checkpoint whose model the run starts from (at step 0), grown with
+#:   :func:`unirep.add_domain` by the domains it does not have (their names must follow its
+#:   own, in order).
+#: - ``train_domains``: the names of the domains the training batches visit (default all).
+#: - ``trainable``: ``"all"`` (default) or ``"domain"``: only the parameters of the
+#:   ``train_domains`` alone (:func:`unirep.lifecycle.domain_parameters`) are trained, and
+#:   moments shared by every domain stay frozen (their layers run in eval mode).
+LIFECYCLE_OPTIONS = ("added_domains", "init_from", "train_domains", "trainable")
 
 #: ``fast`` (default): a reduced ResNet (one unit per stage, half the filters) on 32x32
 #: images (a 4x4 last stage), with the crop-and-flip augmentation and a weight decay of
@@ -282,9 +298,34 @@ def build_data(cfg: Dict[str, Any]):
         md = MultiDomainData(sets)
         if cfg.get("domains"):
             md = md.subset(cfg["domains"])
+    if cfg.get("added_domains"):
+        md = MultiDomainData(list(md) + [added_domain(spec, cfg) for spec in cfg["added_domains"]])
     if cfg.get("permute_labels") is not None:
         md = md.permute_labels(int(cfg["permute_labels"]))
     return md
+
+
+def added_domain(spec: Mapping[str, Any], cfg: Mapping[str, Any]):
+    """The ``DomainDataset`` of one entry of ``cfg["added_domains"]`` (see
+    :data:`LIFECYCLE_OPTIONS`), at the run's image size."""
+    from unirep.data import DomainDataset, builtin_benchmark, load_dataset
+    if "builtin" in spec:
+        kw = {}
+        if cfg.get("train_per_domain"):
+            kw["train_per_domain"] = int(cfg["train_per_domain"])
+        if cfg.get("test_per_domain"):
+            kw["test_per_domain"] = int(cfg["test_per_domain"])
+        ds = builtin_benchmark(cfg.get("cache_dir"), seed=0, image_size=int(cfg["image_size"]),
+                               domains=[spec["builtin"]], progress=False, **kw)[0]
+    elif "path" in spec:
+        ds = load_dataset(spec["path"], format=spec.get("format", "auto"), image_size=int(cfg["image_size"]))
+    else:
+        raise ValueError(f"added_domains: an entry needs 'builtin' or 'path', got {dict(spec)}")
+    name = spec.get("name")
+    if name and name != ds.name:
+        ds = DomainDataset(name, ds.classes, ds.train, ds.test, kind=ds.kind, mean=ds.mean, std=ds.std,
+                           source=ds.source)
+    return ds
 
 
 def build_model_from_config(cfg: Dict[str, Any], num_classes: Sequence[int]):
@@ -443,10 +484,19 @@ class Trainer:
         self.D = len(self.data)
         self.slots = self.world * self.accumulate  # sub-batches per step, globally
         mode = "pure" if cfg["batching"] == "round-robin" else "mixed"
-        if mode == "mixed" and int(cfg["batch_size"]) < self.D:
-            raise SystemExit(f"a mixed batch of {cfg['batch_size']} cannot hold all {self.D} domains")
+        # The domains the batches visit (all, or cfg["train_domains"]) and their indices in the run.
+        visited = self.data
+        if cfg.get("train_domains"):
+            unknown = [n for n in cfg["train_domains"] if n not in self.data.names]
+            if unknown:
+                raise ValueError(f"train_domains: no domain {unknown} in the run's {self.data.names}")
+            visited = self.data.subset(list(cfg["train_domains"]))
+        self.visited = [self.data.index(n) for n in visited.names]
+        self._visited_map = torch.tensor(self.visited, device=self.device)
+        if mode == "mixed" and int(cfg["batch_size"]) < len(visited):
+            raise SystemExit(f"a mixed batch of {cfg['batch_size']} cannot hold all {len(visited)} domains")
         my_slots = range(self.rank, self.slots, self.world) if self.world > 1 else range(self.slots)
-        self.loaders = [self.data.loader(int(cfg["batch_size"]), mode=mode, device=self.device,
+        self.loaders = [visited.loader(int(cfg["batch_size"]), mode=mode, device=self.device,
                                          augment=bool(cfg["augment"]),
                                          seed=int(cfg["seed"]), rank=r, world_size=self.slots)
                         for r in my_slots]
@@ -455,7 +505,23 @@ class Trainer:
         self.total = int(cfg["steps"])
         torch.manual_seed(int(cfg["seed"]))
         self.model = build_model_from_config(cfg, self.data.num_classes).to(self.device)
-        self.optimizer = torch.optim.SGD(self.model.parameters(), lr=float(cfg["warmup_lr"]),
+        if checkpoint is None and not cfg.get("resume") and cfg.get("init_from"):
+            self._start_from(cfg["init_from"])
+        self.trainable = cfg.get("trainable") or "all"
+        if self.trainable not in ("all", "domain"):
+            raise ValueError(f"trainable must be 'all' or 'domain', got {self.trainable!r}")
+        params = list(self.model.parameters())
+        if self.trainable == "domain":
+            from .lifecycle import domain_parameters
+            own = {id(p) for d in self.visited for _, p, _ in domain_parameters(self.model, d)}
+            if not own:
+                raise ValueError(f"trainable='domain': the domains {visited.names} have no parameters of their "
+                                 f"own under strategy {cfg['strategy']!r} and sharing {cfg['sharing']!r} "
+                                 f"(everything is shared): train all parameters instead")
+            for p in params:
+                p.requires_grad_(id(p) in own)
+            params = [p for p in params if id(p) in own]
+        self.optimizer = torch.optim.SGD(params, lr=float(cfg["warmup_lr"]),
                                          momentum=float(cfg["momentum"]),
                                          weight_decay=float(cfg["weight_decay"]))
         self.masked = udist.DomainMaskedStep(self.model, self.optimizer, self.D)
@@ -478,6 +544,31 @@ class Trainer:
             checkpoint = load_checkpoint(cfg["resume"])
         if checkpoint is not None:
             self._restore(checkpoint)
+
+    def _start_from(self, path) -> None:
+        """Initialize the model from the checkpoint ``path`` (``cfg["init_from"]``), grown with
+        :func:`unirep.add_domain` by the run's domains that follow the checkpoint's own."""
+        from .lifecycle import add_domain
+        ck = load_checkpoint(path)
+        names, counts = list(ck["data"]["names"]), list(ck["data"]["num_classes"])
+        if self.data.names[:len(names)] != names or self.data.num_classes[:len(names)] != counts:
+            raise ValueError(f"init_from {path}: its domains {names} ({counts} classes) are not the first "
+                             f"domains of this run, {self.data.names} ({self.data.num_classes} classes)")
+        start = build_model_from_config(ck["config"], counts)
+        start.load_state_dict(ck["model"])
+        for k in self.data.num_classes[len(names):]:
+            add_domain(start, k, init="mean")
+        self.model.load_state_dict(start.state_dict())
+
+    def _freeze_shared_moments(self) -> None:
+        """With ``trainable="domain"``: the batch norms whose running moments every domain
+        shares run in eval mode (their moments stay as they are; the visited domains'
+        batches are normalized by them, as at test time)."""
+        if self.trainable != "domain":
+            return
+        from .lifecycle import shared_moment_layers
+        for m in shared_moment_layers(self.model):
+            m.eval()
 
     # -- checkpoints
     def state(self) -> Dict[str, Any]:
@@ -514,6 +605,8 @@ class Trainer:
         self.merger.start_step()
         for loader in self.loaders:
             x, y, dom = loader.get(step)
+            if self.visited != list(range(self.D)):  # a subset of the domains: their run indices
+                dom = self.visited[dom] if isinstance(dom, int) else self._visited_map[dom]
             if multi:
                 self.merger.restore(start)
             from unirep.models import masked_cross_entropy
@@ -562,6 +655,7 @@ class Trainer:
             bar = tqdm(total=self.total, initial=self.step, desc="train", unit="step", dynamic_ncols=True)
         every = int(cfg["checkpoint_every"] or 0)
         self.model.train()
+        self._freeze_shared_moments()
         t_last = time.perf_counter()
         ema_ips = None
         try:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import warnings
-from typing import Iterator, List, Optional, Tuple
+from typing import Iterator, List, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import Tensor, nn
@@ -63,6 +63,37 @@ def _load_broadcast(module: nn.Module, state_dict, prefix: str, names) -> None:
             continue
         if incoming.shape[0] == mine.shape[1]:
             state_dict[key] = incoming.unsqueeze(0).expand_as(mine).clone()
+
+
+def _add_domain(layer: nn.Module, names: Sequence[str], init: Union[str, int]) -> int:
+    """Append one domain to ``layer``: one row more in each of its (num_domains, C) tensors
+    among ``names`` (universal (C,) ones stay as they are), then ``num_domains += 1``.
+
+    The new row is the mean of the existing rows (``init="mean"``) or a copy of row ``init``.
+    The old rows are copied bit for bit, so every existing domain computes exactly what it
+    did. A grown parameter is a new ``nn.Parameter`` (``requires_grad`` kept): an optimizer
+    built before holds the old one. Returns the new domain's index."""
+    where = f"{type(layer).__name__}.add_domain"
+    if not (isinstance(init, str) and init == "mean"):
+        if isinstance(init, str) or isinstance(init, Tensor):
+            raise ValueError(f"{where}: init must be 'mean' or the index of a domain to copy, got {init!r}")
+        init = check_domain(init, layer.num_domains, where=f"{where}(init)")
+    grown = {}
+    for name in names:
+        t = getattr(layer, name, None)
+        if t is None or t.dim() != 2:
+            continue
+        if t.shape[0] != layer.num_domains:
+            raise ValueError(f"{where}: {name} has {t.shape[0]} rows, expected num_domains={layer.num_domains}")
+        with torch.no_grad():
+            row = t.mean(0, keepdim=True) if init == "mean" else t[init:init + 1]
+            grown[name] = torch.cat([t.detach(), row.to(t.dtype)])
+    for name, value in grown.items():  # after every check: all or nothing
+        old = getattr(layer, name)
+        setattr(layer, name, nn.Parameter(value, requires_grad=old.requires_grad)
+                if isinstance(old, nn.Parameter) else value)
+    layer.num_domains += 1
+    return layer.num_domains - 1
 
 
 class DomainBatchNorm2d(nn.Module):
@@ -130,6 +161,14 @@ class DomainBatchNorm2d(nn.Module):
                            momentum=self.momentum, eps=self.eps, relu=self.relu, backend=self.backend,
                            num_batches_tracked=self.num_batches_tracked if update else None)
 
+
+    def add_domain(self, init: Union[str, int] = "mean") -> int:
+        """Append one domain: a row more in every per-domain (D, C) tensor, the mean of the
+        existing rows (``init="mean"``) or a copy of domain ``init``'s; the old rows stay bit
+        for bit. Returns the new domain's index. Grown parameters are new ``nn.Parameter``
+        objects: rebuild any optimizer that holds the old ones."""
+        return _add_domain(self, ("weight", "bias", "running_mean", "running_var"), init)
+
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         _load_broadcast(self, state_dict, prefix, ("weight", "bias", "running_mean", "running_var"))
         key = prefix + "num_batches_tracked"
@@ -166,6 +205,14 @@ class DomainInstanceNorm2d(nn.Module):
         return domain_instance_norm(x, _resolve_domain(self, domain), self.weight, self.bias,
                                     num_domains=self.num_domains, eps=self.eps, relu=self.relu, backend=self.backend)
 
+
+    def add_domain(self, init: Union[str, int] = "mean") -> int:
+        """Append one domain: a row more in every per-domain (D, C) tensor, the mean of the
+        existing rows (``init="mean"``) or a copy of domain ``init``'s; the old rows stay bit
+        for bit. Returns the new domain's index. Grown parameters are new ``nn.Parameter``
+        objects: rebuild any optimizer that holds the old ones."""
+        return _add_domain(self, ("weight", "bias"), init)
+
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         _load_broadcast(self, state_dict, prefix, ("weight", "bias"))
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
@@ -195,6 +242,13 @@ class DomainScale2d(nn.Module):
             w = self.weight.index_select(0, d)[:, :, None, None]
             b = self.bias.index_select(0, d)[:, :, None, None]
         return torch.addcmul(b.to(x.dtype), x, w.to(x.dtype))
+
+    def add_domain(self, init: Union[str, int] = "mean") -> int:
+        """Append one domain: a row more in every per-domain (D, C) tensor, the mean of the
+        existing rows (``init="mean"``) or a copy of domain ``init``'s; the old rows stay bit
+        for bit. Returns the new domain's index. Grown parameters are new ``nn.Parameter``
+        objects: rebuild any optimizer that holds the old ones."""
+        return _add_domain(self, ("weight", "bias"), init)
 
     def extra_repr(self) -> str:
         return f"{self.num_features}, num_domains={self.num_domains}"

@@ -9,9 +9,10 @@ explicitly, never read from the ``unirep_kernels.domain`` context.
 
 from __future__ import annotations
 
+import copy
 import math
 import numbers
-from typing import Callable, Dict, List, Optional, Sequence
+from typing import Callable, Dict, List, Optional, Sequence, Union
 
 import torch
 import torch.nn.functional as F
@@ -140,6 +141,22 @@ class PerDomain(nn.Module):
         super().__init__()
         self.copies = nn.ModuleList(copies)
 
+    def add_copy(self, init: Union[str, int] = "mean") -> int:
+        """Append a copy for a new domain and return its index: a copy of domain ``init``'s
+        module, or with ``init="mean"`` one whose floating-point parameters and buffers are
+        the mean over the existing copies (integer buffers: copy 0's). The existing copies
+        are not touched."""
+        source = self.copies[0 if init == "mean" else init]
+        new = copy.deepcopy(source)
+        if init == "mean" and len(self.copies) > 1:
+            states = [c.state_dict() for c in self.copies]
+            with torch.no_grad():
+                for name, t in new.state_dict().items():  # views of new's own tensors
+                    if t.is_floating_point():
+                        t.copy_(torch.stack([s[name] for s in states]).mean(0))
+        self.copies.append(new)
+        return len(self.copies) - 1
+
     def forward(self, x: Tensor, domain: Domain) -> Tensor:
         if isinstance(domain, int):
             return self.copies[domain](x, 0)
@@ -243,30 +260,35 @@ class DomainHeads(nn.Module):
 
     Output: (N, K_max) logits, padded with ``-inf`` beyond each sample's own K_d, for pure
     and mixed batches alike. A mixed batch is served by one matmul against all heads and a
-    gather of each sample's own segment: no Python loop over samples or domains. Keeping all
-    heads in one tensor also means every head parameter takes part in every step (absent
-    domains get zero gradients), which distributed data parallel requires.
+    gather of each sample's own segment: one matmul per head on the whole batch (a loop over
+    the D heads, never over samples), so that adding a head (:meth:`add_head`) leaves the
+    others' logits bitwise unchanged. Keeping all heads in one tensor also means every head
+    parameter takes part in every step (absent domains get zero gradients), which
+    distributed data parallel requires.
     """
 
     def __init__(self, in_features: int, num_classes: Sequence[int]) -> None:
         super().__init__()
         self.in_features = in_features
+        self.weight = nn.Parameter(torch.empty(sum(num_classes), in_features))
+        self.bias = nn.Parameter(torch.empty(sum(num_classes)))
+        self._set_num_classes(num_classes)
+        self.reset_parameters()
+
+    def _set_num_classes(self, num_classes: Sequence[int]) -> None:
+        """Class counts, offsets and the (non-persistent) gather tables of a mixed batch."""
         self.num_classes = list(num_classes)
         self.max_classes = max(self.num_classes)
-        total = sum(self.num_classes)
         self.offsets = [0]
         for k in self.num_classes[:-1]:
             self.offsets.append(self.offsets[-1] + k)
-        self.weight = nn.Parameter(torch.empty(total, in_features))
-        self.bias = nn.Parameter(torch.empty(total))
-        D, K = len(self.num_classes), self.max_classes
-        cls = torch.arange(K)
+        cls = torch.arange(self.max_classes)
         sizes = torch.tensor(self.num_classes)
         valid = cls.unsqueeze(0) < sizes.unsqueeze(1)  # (D, K)
         index = torch.tensor(self.offsets).unsqueeze(1) + cls.unsqueeze(0)
-        self.register_buffer("gather_index", torch.where(valid, index, 0), persistent=False)
-        self.register_buffer("valid", valid, persistent=False)
-        self.reset_parameters()
+        device = self.weight.device
+        self.register_buffer("gather_index", torch.where(valid, index, 0).to(device), persistent=False)
+        self.register_buffer("valid", valid.to(device), persistent=False)
 
     def reset_parameters(self) -> None:
         # Same distribution as nn.Linear's default initialization, head by head.
@@ -280,10 +302,42 @@ class DomainHeads(nn.Module):
     def head_bias(self, d: int) -> Tensor:
         return self.bias[self.offsets[d]:self.offsets[d] + self.num_classes[d]]
 
+    def add_head(self, num_classes: int, source: Optional[int] = None) -> int:
+        """Append a classifier of ``num_classes`` classes for a new domain and return its
+        index: a copy of head ``source`` (which must have as many classes), or, with
+        ``source=None``, drawn as :meth:`reset_parameters` draws them (from torch's global
+        random generator). The other heads' rows are kept bit for bit; ``weight`` and
+        ``bias`` become new ``nn.Parameter`` objects (an optimizer built before holds the old
+        ones)."""
+        k = int(num_classes)
+        if source is not None and self.num_classes[source] != k:
+            raise ValueError(f"add_head: head {source} has {self.num_classes[source]} classes, not {k}: "
+                             "it cannot be copied")
+        with torch.no_grad():
+            if source is None:
+                bound = 1.0 / math.sqrt(self.in_features)
+                w = torch.empty(k, self.in_features, dtype=self.weight.dtype, device=self.weight.device)
+                b = torch.empty(k, dtype=self.bias.dtype, device=self.bias.device)
+                nn.init.uniform_(w, -bound, bound)
+                nn.init.uniform_(b, -bound, bound)
+            else:
+                w, b = self.head_weight(source), self.head_bias(source)
+            weight = torch.cat([self.weight.detach(), w])
+            bias = torch.cat([self.bias.detach(), b])
+        self.weight = nn.Parameter(weight, requires_grad=self.weight.requires_grad)
+        self.bias = nn.Parameter(bias, requires_grad=self.bias.requires_grad)
+        self._set_num_classes(self.num_classes + [k])
+        return len(self.num_classes) - 1
+
     def forward(self, x: Tensor, domain: Domain) -> Tensor:
         if isinstance(domain, int):
             return pad_logits(F.linear(x, self.head_weight(domain), self.head_bias(domain)), self.max_classes)
-        every = F.linear(x, self.weight, self.bias)  # (N, sum K_d): all heads
+        # All heads on the whole batch, one matmul per head (a loop over the D heads, never over
+        # samples): a head's logits then do not depend on how many other heads there are, so
+        # adding a domain (unirep.add_domain) leaves them bitwise unchanged, whereas the BLAS
+        # blocks one matmul against all heads by the total row count.
+        every = torch.cat([F.linear(x, self.head_weight(d), self.head_bias(d))
+                           for d in range(len(self.num_classes))], dim=1)  # (N, sum K_d)
         mine = every.gather(1, self.gather_index.index_select(0, domain))
         return mine.masked_fill(~self.valid.index_select(0, domain), -math.inf)
 
