@@ -119,7 +119,7 @@ def _compute_status() -> Dict[str, Tuple[bool, str]]:
 
 
 # Backends that can run on each device type, fastest first: what "auto" chooses from.
-_AUTO_ORDER = {"cpu": ("cpp", "reference"), "cuda": ("cuda", "triton", "reference")}
+AUTO_ORDER = {"cpu": ("cpp", "reference"), "cuda": ("cuda", "triton", "reference")}
 _DEVICE_OF = {"cpp": "cpu", "cuda": "cuda"}  # backends tied to one device type
 
 _override_stack: List[str] = []
@@ -160,7 +160,7 @@ def resolve_backend(backend: Optional[str], device: torch.device) -> str:
     if name == "triton" or (name == "auto" and device.type == "cuda"):
         status = dict(status, triton=_triton_status())
     if name == "auto":
-        for candidate in _AUTO_ORDER.get(device.type, ("reference",)):
+        for candidate in AUTO_ORDER.get(device.type, ("reference",)):
             if status[candidate][0]:
                 return candidate
         return "reference"
