@@ -61,10 +61,21 @@ def _check_against_reference(results, refs, what):
                 assert err <= tol * scale, f"{what}: {name} {key}: max abs err {err:.3g} (scale {scale:.3g})"
 
 
+def _check_conversions(outputs, what):
+    """Bitwise what torch computes, NaN for NaN (payloads may differ)."""
+    for name, x in cpu_kernel_outputs.conversion_inputs().items():
+        got, want = outputs[name], cpu_kernel_outputs.conversion_expected(x)
+        nan = torch.isnan(want)
+        assert torch.equal(torch.isnan(got), nan), f"{what}: {name}: NaN where torch has none, or the reverse"
+        same = got.view(torch.int16) == want.view(torch.int16)
+        assert bool((same | nan).all()), (f"{what}: {name}: {int((~same & ~nan).sum())} of {x.numel()} bit patterns "
+                                          f"differ, e.g. x={x.flatten()[~same.flatten() & ~nan.flatten()][:3]}")
+
+
 def test_every_instruction_set_and_streaming_store(tmp_path):
     """Each kernel build (baseline, AVX2, AVX-512: as many as this CPU runs) with
-    non-temporal stores forced on matches reference.py; streaming changes no bit; the
-    baseline and AVX2 builds (the same 32-byte vectors) agree bitwise."""
+    non-temporal stores forced on matches reference.py, converts every float16 and bfloat16
+    value to float and back exactly as torch does, and streaming changes no bit."""
     started = {cap: _start(tmp_path, cap, "always") for cap in CAPABILITIES}
     here = cpu_kernel_outputs.outputs()  # this process: native ISA, small outputs, regular stores
     refs = _reference_results()
@@ -74,16 +85,16 @@ def test_every_instruction_set_and_streaming_store(tmp_path):
         assert proc.returncode == 0, f"ATEN_CPU_CAPABILITY={cap}: {err[-2000:]}"
         streamed[cap] = torch.load(out)
     _check_against_reference(here, refs, f"{NATIVE} in this process")
-    for cap, results in streamed.items():
-        _check_against_reference(results, refs, f"ATEN_CPU_CAPABILITY={cap}, streaming stores")
+    _check_conversions(cpu_kernel_outputs.conversion_outputs(), f"{NATIVE} in this process")
+    for cap, saved in streamed.items():
+        _check_against_reference(saved["cases"], refs, f"ATEN_CPU_CAPABILITY={cap}, streaming stores")
+        _check_conversions(saved["conversions"], f"ATEN_CPU_CAPABILITY={cap}, streaming stores")
+    streamed = {cap: saved["cases"] for cap, saved in streamed.items()}
     native = NATIVE.lower() if NATIVE.lower() in streamed else "default"
-    pairs = [(here, streamed[native], f"{native}: regular vs streaming stores")]
-    if "avx2" in streamed:
-        pairs.append((streamed["default"], streamed["avx2"], "baseline vs AVX2 build"))
-    for a, b, what in pairs:
-        for name in a:
-            for key in a[name]:
-                assert torch.equal(a[name][key], b[name][key]), f"{what}: {name} {key} differs"
+    for name in here:
+        for key in here[name]:
+            assert torch.equal(here[name][key], streamed[native][name][key]), \
+                f"{native}: {name} {key} differs between regular and streaming stores"
 
 
 def test_bad_stream_store_setting_is_a_clear_error():

@@ -1,15 +1,16 @@
 // The vectorized bodies of the passes of norm_passes.h, compiled once per instruction set.
 //
 // pass_kernels_impl.h holds one implementation, written with GCC/Clang vector extensions;
-// pass_kernels_base.cpp compiles it for the build's baseline instruction set (32-byte
-// vectors), pass_kernels_avx2.cpp for AVX2 + F16C and pass_kernels_avx512.cpp for AVX-512
-// (x86-64, GCC). pass_kernels.cpp picks one set per process, the one matching ATen's own
-// CPU capability (so ATEN_CPU_CAPABILITY=default or =avx2 selects the others, for tests).
+// pass_kernels_base.cpp compiles it for the build's baseline instruction set (16-byte
+// vectors: SSE2, NEON), pass_kernels_avx2.cpp for AVX2 + F16C (32 bytes) and
+// pass_kernels_avx512.cpp for AVX-512 (64 bytes; both x86-64, GCC). pass_kernels.cpp picks
+// one set per process, the one matching ATen's own CPU capability (so
+// ATEN_CPU_CAPABILITY=default or =avx2 selects the others, for tests).
 //
 // Half inputs (float16, bfloat16) are widened to float on load, computed in float and
 // narrowed (round to nearest even) on store; accumulation is in float. No FMA contraction
-// (-ffp-contract=off): every instruction set rounds every element identically, and the
-// backward's ReLU gate recomputes exactly the forward's pre-activation.
+// (-ffp-contract=off): the backward's ReLU gate recomputes exactly the forward's
+// pre-activation.
 //
 // This header is included by the per-ISA translation units, so it holds only declarations
 // and plain structs: no inline function that could be shared across instruction sets.
@@ -44,7 +45,7 @@ struct PassKernels {
                            acc_t ka, acc_t kx, acc_t k0, bool relu, bool stream);
 
   // ---- NSC blocks: the same four with per-channel tables of C values. `scratch` holds
-  // 3 * C + 96 acc_t values of working space.
+  // block_scratch_size(C) acc_t values of working space.
   void (*block_moments)(const void* x, int64_t S, int64_t C, acc_t* mean, acc_t* m2, acc_t* scratch);
   void (*block_affine)(const void* x, void* y, int64_t S, int64_t C, const acc_t* m, const acc_t* a,
                        const acc_t* b, bool relu, bool stream, acc_t* scratch);

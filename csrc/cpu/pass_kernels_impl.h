@@ -1,17 +1,17 @@
 // One implementation of PassKernels (pass_kernels.h), included once per instruction set
 // by pass_kernels_<isa>.cpp, which defines UNIREP_ISA (the namespace of that build) and
 // UNIREP_ISA_NAME, and for the x86 builds UNIREP_AVX2 or UNIREP_AVX512 (intrinsics for the
-// half conversions and non-temporal stores). Without them the including file provides
-// half_bits_to_float / float_to_half_bits.
+// half conversions and non-temporal stores); without them the half conversions are done
+// in portable vector arithmetic.
 //
 // Everything here has internal linkage (an unnamed namespace) except the table `kernels`:
 // code compiled for one instruction set must never be picked by the linker for another.
 // Hence also no standard-library or ATen calls in this file: only builtins and intrinsics.
 //
-// Vectors are 32 bytes (8 float or 4 double lanes; a baseline SSE2 build runs each as two
-// 16-byte halves), 64 bytes in the AVX-512 build. Reductions keep 4 vector accumulators
-// (independent dependency chains) and sum them in a fixed order: results are deterministic
-// for a given instruction set, and the same for the baseline and AVX2 builds.
+// Vectors are 16, 32 or 64 bytes (baseline, AVX2, AVX-512). Reductions keep 4 vector
+// accumulators (independent dependency chains) and sum them in a fixed order: results are
+// deterministic for a given instruction set (they differ between sets in the last bits of
+// the sums, as ATen's own vectorized kernels do).
 #ifndef UNIREP_ISA
 #error "define UNIREP_ISA before including pass_kernels_impl.h"
 #endif
@@ -20,11 +20,15 @@
 
 #include "pass_kernels.h"
 
-// Vector size in bytes: 64 for the AVX-512 build, 32 otherwise.
+// Vector size in bytes: the widest the build's instruction set handles natively (64 for
+// AVX-512, 32 for AVX2; 16 for the baseline: SSE2 or NEON, where wider vectors would be
+// split into halves for arithmetic but lane by lane for compares and selects).
 #if defined(UNIREP_AVX512)
 #define UNIREP_VECTOR_BYTES 64
-#else
+#elif defined(UNIREP_AVX2)
 #define UNIREP_VECTOR_BYTES 32
+#else
+#define UNIREP_VECTOR_BYTES 16
 #endif
 
 namespace unirep {
@@ -93,8 +97,8 @@ inline uint16_t float_to_bf16(float f) {
 inline float f16_to_float(uint16_t h) { return _cvtsh_ss(h); }
 inline uint16_t float_to_f16(float f) { return _cvtss_sh(f, _MM_FROUND_TO_NEAREST_INT); }
 #else
-inline float f16_to_float(uint16_t h) { return half_bits_to_float(h); }
-inline uint16_t float_to_f16(float f) { return float_to_half_bits(f); }
+inline float f16_to_float(uint16_t h);  // in vector arithmetic, below
+inline uint16_t float_to_f16(float f);
 #endif
 
 template <typename E>
@@ -160,19 +164,43 @@ inline void stream_half(uint16_t* p, half_reg h) { _mm_stream_si128(reinterpret_
 inline void stream_f32(float* p, vf v) { _mm256_stream_ps(p, reinterpret_cast<__m256>(v)); }
 inline void stream_f64(double* p, vd v) { _mm256_stream_pd(p, reinterpret_cast<__m256d>(v)); }
 #else
+// Without F16C: IEEE float16 <-> float32 in integer and float vector arithmetic, exact and
+// rounding to nearest even like the hardware conversion (NaN -> quiet NaN 0x7E00). Signed
+// lanes throughout (the values fit): SSE2 has no unsigned compares or conversions.
 typedef vu16 half_reg;
+inline vi32 select(vi32 mask, vi32 a, vi32 b) { return (a & mask) | (b & ~mask); }
 inline vf widen_f16(half_reg h) {
-  float t[kFloatLanes];
-  for (int i = 0; i < kFloatLanes; ++i) t[i] = f16_to_float(h[i]);
-  vf v;
-  __builtin_memcpy(&v, t, sizeof v);
-  return v;
+  const vi32 bits = __builtin_convertvector(h, vi32);
+  const vi32 em = bits & 0x7FFF;  // exponent and mantissa
+  // Normal: the fields moved to float positions, rebiased by 2^112 (a power of two: exact).
+  const vi32 normal = reinterpret_cast<vi32>(reinterpret_cast<vf>(em << 13) * 0x1p112f);
+  // Subnormal and zero: mantissa x 2^-24, from the integer (no float subnormal involved).
+  const vi32 subnormal = reinterpret_cast<vi32>(__builtin_convertvector(em, vf) * 0x1p-24f);
+  // Inf and NaN: float exponent all ones, mantissa kept.
+  const vi32 special = (em << 13) | 0x7F800000;
+  const vi32 mag = select(em >= 0x7C00, special, select(em < 0x400, subnormal, normal));
+  return reinterpret_cast<vf>(mag | ((bits & 0x8000) << 16));
 }
 inline half_reg narrow_f16(vf v) {
-  half_reg h;
-  for (int i = 0; i < kFloatLanes; ++i) h[i] = float_to_f16(v[i]);
-  return h;
+  const vi32 u = reinterpret_cast<vi32>(v);
+  const vi32 a = u & 0x7FFFFFFF;  // |v|
+  // Normal halves (|v| >= 2^-14): exponent rebiased, the 13 dropped bits rounded to nearest
+  // even (a carry moves into the exponent; overflow is clamped to Inf below).
+  const vi32 normal = (a - (112 << 23) + 0xFFF + ((a >> 13) & 1)) >> 13;
+  // Subnormal halves: |v| / 2^-24 rounded to an integer by the float adder (nearest even).
+  const vf scaled = reinterpret_cast<vf>(a) * 0x1p24f;
+  const vi32 subnormal = __builtin_convertvector((scaled + 0x1p23f) - 0x1p23f, vi32);
+  vi32 h = select(a < (113 << 23), subnormal, normal);
+  h = select(h > 0x7C00, vi32{} + 0x7C00, h);
+  h = select(a > 0x7F800000, vi32{} + 0x7E00, h);
+  return __builtin_convertvector(h | ((u >> 16) & 0x8000), vu16);
 }
+inline float f16_to_float(uint16_t h) {
+  half_reg r{};
+  r[0] = h;
+  return widen_f16(r)[0];
+}
+inline uint16_t float_to_f16(float f) { return narrow_f16(vf{} + f)[0]; }
 inline vf widen_bf16(half_reg h) { return reinterpret_cast<vf>(__builtin_convertvector(h, vu32) << 16); }
 inline half_reg narrow_bf16(vf v) { return __builtin_convertvector(bf16_bits(v), vu16); }
 inline half_reg load_half(const uint16_t* p) {
