@@ -306,6 +306,10 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                      help="MiB of x the timed calls rotate over, at least (default: CPU max(96, 2 x last-level "
                           "cache) up to 1024; GPU max(256, 4 x L2))")
     run.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's default)")
+    run.add_argument("--clock", choices=("wall", "thread"), default="wall",
+                     help="CPU timer: wall (elapsed time) or thread (CPU time of the timing thread: on a shared "
+                          "machine it leaves out the time a call spends descheduled; needs --threads 1) "
+                          "(default: wall)")
     run.add_argument("--alloc", choices=("reuse", "system"), default="reuse",
                      help="CPU output allocations: 'reuse' keeps freed memory and never mmaps (glibc mallopt), so "
                           "outputs reuse warm memory in every column as with a caching allocator; 'system' leaves "
@@ -379,6 +383,8 @@ def _resolve_args(args: argparse.Namespace) -> None:
         raise ValueError("--rotate-mib must not be negative")
     if args.threads is not None and args.threads < 1:
         raise ValueError("--threads must be at least 1")
+    if args.clock == "thread" and (device.type != "cpu" or args.threads != 1):
+        raise ValueError("--clock thread measures one thread's CPU time: it needs --device cpu and --threads 1")
     if args.wait_idle < 0:
         raise ValueError("--wait-idle must not be negative")
     if args.attempts < 1:
@@ -387,10 +393,11 @@ def _resolve_args(args: argparse.Namespace) -> None:
 
 def timing_plan(args: argparse.Namespace) -> TimingPlan:
     if args.smoke:
-        return TimingPlan(min_run_time=args.min_run_time, block_time=0.002, min_blocks=2, max_rounds=3, warmup=0)
+        return TimingPlan(min_run_time=args.min_run_time, block_time=0.002, min_blocks=2, max_rounds=3, warmup=0,
+                          clock=args.clock)
     if args.device.type == "cuda":
         return TimingPlan(min_run_time=args.min_run_time, block_time=0.01, min_blocks=5, warmup=3)
-    return TimingPlan(min_run_time=args.min_run_time, block_time=0.05, min_blocks=3,
+    return TimingPlan(min_run_time=args.min_run_time, block_time=0.05, min_blocks=3, clock=args.clock,
                       warmup=0)  # the check and the calibration call warm up
 
 

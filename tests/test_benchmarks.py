@@ -128,7 +128,8 @@ def test_bad_options_give_clear_errors(capsys):
                        (["--device", "meta"], "--device must be cpu or cuda"),
                        (["--backends", "triton"], "--backends"),
                        (["--quick", "--smoke"], "exclude each other"),
-                       (["--min-run-time", "0"], "--min-run-time must be positive")):
+                       (["--min-run-time", "0"], "--min-run-time must be positive"),
+                       (["--clock", "thread"], "--clock thread measures one thread's CPU time")):
         with pytest.raises(SystemExit) as exc:
             norm_speed.parse_args(argv)
         assert exc.value.code == 2
@@ -142,7 +143,7 @@ def test_help_explains_every_option():
     for option in ("--quick", "--smoke", "--suite", "--shapes", "--grid", "--dtypes", "--layouts", "--norms",
                    "--domains", "--batches", "--modes", "--backends", "--baselines", "--compile", "--list",
                    "--device", "--out", "--name", "--wait-idle", "--min-run-time", "--rotate-mib", "--threads",
-                   "--alloc", "--no-plot", "under a minute"):
+                   "--alloc", "--no-plot", "--clock", "under a minute"):
         assert option in out.stdout
 
 
@@ -168,6 +169,18 @@ def test_time_callables_interleaves_and_orders():
     assert out["b"]["median_ms"] > 2 * out["a"]["median_ms"]
     timed = calls[4:]  # after warm-up and calibration: blocks alternate between the two
     assert timed.index("b") < len(timed) - 1 and "a" in timed[timed.index("b"):]
+
+
+def test_thread_clock_leaves_out_time_spent_waiting():
+    """--clock thread counts CPU time: a call that sleeps costs (almost) nothing."""
+    plan = norm_timing.TimingPlan(min_run_time=0.02, block_time=0.01, min_blocks=2, warmup=0, clock="thread")
+
+    def spin():
+        end = time.thread_time() + 0.002
+        while time.thread_time() < end:
+            pass
+    out = norm_timing.time_callables({"sleep": lambda: time.sleep(0.002), "spin": spin}, torch.device("cpu"), plan)
+    assert out["sleep"]["median_ms"] < 0.5 < out["spin"]["median_ms"]
 
 
 def test_rotating_cycles_over_copies():
