@@ -16,8 +16,11 @@
 // (parallel over channels): reduction, table math and elementwise pass of one channel back
 // to back, so the second pass re-reads the channel's N planes from cache, not from memory;
 // on NSC each pass runs over all samples (parallel over samples), then the next. Instance
-// norm (statistics of one plane) runs plane by plane (NCS) or sample by sample (NSC), its
-// three steps back to back while the plane or block is in L1 / L2.
+// norm (statistics of one plane) runs a few planes at a time (NCS: runs of about
+// kRunValues values within a sample) or sample by sample (NSC), its three steps back to
+// back while those planes (L1) or the sample's block (L2) are in cache. A kernel call covers a run
+// of planes (a channel's N planes, a sample's C planes), not one: small planes (8x8) do
+// not pay a call and table lookups each.
 //
 // Each output element is written by exactly one thread and reductions run in a fixed
 // order, so results are bitwise deterministic whatever the thread count.
@@ -27,6 +30,7 @@
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <vector>
@@ -100,6 +104,41 @@ inline int64_t plane_grain(const PlaneView& v) {
   return std::max<int64_t>(1, kGrainValues / std::max<int64_t>(v.S, 1));
 }
 
+// Values of x (and dy) an instance-norm run covers before its second pass reads them again:
+// small enough that the second pass reads from L1 (16 KiB of float32 each).
+constexpr int64_t kRunValues = 4096;
+
+// Planes per run of the instance-norm passes (at least one).
+inline int64_t run_planes(const PlaneView& v) {
+  return std::max<int64_t>(1, kRunValues / std::max<int64_t>(v.S, 1));
+}
+
+// Calls f(n, c0, c1) for runs of the planes [begin, end) (plane p = n * C + c) that stay
+// within one sample and hold at most `chunk` planes: one kernel call per run.
+template <typename F>
+inline void for_plane_runs(int64_t begin, int64_t end, int64_t C, int64_t chunk, const F& f) {
+  for (int64_t p = begin; p < end;) {
+    const int64_t n = p / C, c0 = p % C;
+    const int64_t c1 = std::min({C, c0 + chunk, c0 + (end - p)});
+    f(n, c0, c1);
+    p += c1 - c0;
+  }
+}
+
+// One channel's tables, gathered in sample order (row rows[n] of each), for the plane
+// kernels of a channel's N planes.
+template <typename acc_t>
+struct ChannelRows {
+  std::vector<acc_t> v[6];
+  explicit ChannelRows(int64_t N) {
+    for (auto& a : v) a.resize(N);
+  }
+  void gather(int which, const std::vector<acc_t>& table, const int64_t* rows, int64_t N, int64_t C, int64_t c) {
+    for (int64_t n = 0; n < N; ++n) v[which][n] = table[rows[n] * C + c];
+  }
+  const acc_t* operator[](int which) const { return v[which].data(); }
+};
+
 // ---- Elementwise passes over all samples.
 
 // NSC: y of every sample block with the tables of its row.
@@ -135,10 +174,10 @@ void run_affine(const PlaneView& v, at::Tensor& y, const int64_t* rows, const Af
   scalar_t* out = y.data_ptr<scalar_t>();
   const int64_t C = v.C, S = v.S;
   at::parallel_for(0, v.N * C, plane_grain(v), [&](int64_t begin, int64_t end) {
-    for (int64_t p = begin; p < end; ++p) {
-      const int64_t k = rows[p / C] * C + p % C;
-      K.plane_affine(x + p * S, out + p * S, S, t.center[k], t.scale[k], t.beta[k], relu, stream);
-    }
+    for_plane_runs(begin, end, C, C, [&](int64_t n, int64_t c0, int64_t c1) {
+      const int64_t p = n * C + c0, k = rows[n] * C + c0;
+      K.plane_affine(x + p * S, out + p * S, c1 - c0, S, S, &t.center[k], &t.scale[k], &t.beta[k], relu, stream);
+    });
     if (stream) K.fence();
   });
 }
@@ -157,16 +196,18 @@ void run_forward(const PlaneView& v, at::Tensor& y, const int64_t* rows, AffineT
   if (!v.channels_last) {
     scalar_t* out = y.data_ptr<scalar_t>();
     at::parallel_for(0, C, 1, [&](int64_t begin, int64_t end) {
+      ChannelRows<acc_t> r(N);  // 0, 1: the channel's plane moments; 2, 3, 4: its tables
       for (int64_t c = begin; c < end; ++c) {
+        K.plane_moments(x + c * S, N, C * S, S, r.v[0].data(), r.v[1].data());
         for (int64_t n = 0; n < N; ++n) {
-          const int64_t p = n * C + c;
-          K.plane_moments(x + p * S, S, pmean + p, pm2 + p);
+          pmean[n * C + c] = r.v[0][n];
+          pm2[n * C + c] = r.v[1][n];
         }
         tables(c);
-        for (int64_t n = 0; n < N; ++n) {
-          const int64_t p = n * C + c, k = rows[n] * C + c;
-          K.plane_affine(x + p * S, out + p * S, S, t.center[k], t.scale[k], t.beta[k], relu, stream);
-        }
+        r.gather(2, t.center, rows, N, C, c);
+        r.gather(3, t.scale, rows, N, C, c);
+        r.gather(4, t.beta, rows, N, C, c);
+        K.plane_affine(x + c * S, out + c * S, N, C * S, S, r[2], r[3], r[4], relu, stream);
       }
       if (stream) K.fence();
     });
@@ -197,17 +238,23 @@ void run_backward(const PlaneView& v, const at::Tensor& dy, at::Tensor& dx, cons
   const bool stream = stream_stores(dx.nbytes());
   if (!v.channels_last) {
     at::parallel_for(0, C, 1, [&](int64_t begin, int64_t end) {
+      ChannelRows<acc_t> r(N);  // 0, 1, 2: the channel's forward tables; 3, 4, 5: its dx coefficients
+      std::vector<acc_t> s1(N), s2(N);
       for (int64_t c = begin; c < end; ++c) {
+        r.gather(0, t.center, rows, N, C, c);
+        r.gather(1, t.scale, rows, N, C, c);
+        r.gather(2, t.beta, rows, N, C, c);
+        K.plane_grad_sums(x + c * S, g + c * S, N, C * S, S, r[0], r[1], r[2], relu, s1.data(), s2.data());
         for (int64_t n = 0; n < N; ++n) {
-          const int64_t p = n * C + c, r = rows[n] * C + c;
-          K.plane_grad_sums(x + p * S, g + p * S, S, t.center[r], t.scale[r], t.beta[r], relu, ps1 + p, ps2 + p);
+          ps1[n * C + c] = s1[n];
+          ps2[n * C + c] = s2[n];
         }
         coefs(c);
-        for (int64_t n = 0; n < N; ++n) {
-          const int64_t p = n * C + c, r = rows[n] * C + c;
-          K.plane_input_grad(x + p * S, g + p * S, out + p * S, S, t.center[r], t.scale[r], t.beta[r], k.ka[r],
-                             k.kx[r], k.k0[r], relu, stream);
-        }
+        r.gather(3, k.ka, rows, N, C, c);
+        r.gather(4, k.kx, rows, N, C, c);
+        r.gather(5, k.k0, rows, N, C, c);
+        K.plane_input_grad(x + c * S, g + c * S, out + c * S, N, C * S, S, r[0], r[1], r[2], r[3], r[4], r[5], relu,
+                           stream);
       }
       if (stream) K.fence();
     });
@@ -249,11 +296,12 @@ void run_instance_forward(const PlaneView& v, at::Tensor& y, const AffineTables<
   const bool stream = stream_stores(y.nbytes());
   if (!v.channels_last) {
     at::parallel_for(0, v.N * C, plane_grain(v), [&](int64_t begin, int64_t end) {
-      for (int64_t p = begin; p < end; ++p) {
-        K.plane_moments(x + p * S, S, pmean + p, pm2 + p);
-        tables(p / C, p % C, p % C + 1);
-        K.plane_affine(x + p * S, out + p * S, S, t.center[p], t.scale[p], t.beta[p], relu, stream);
-      }
+      for_plane_runs(begin, end, C, run_planes(v), [&](int64_t n, int64_t c0, int64_t c1) {
+        const int64_t p = n * C + c0;
+        K.plane_moments(x + p * S, c1 - c0, S, S, pmean + p, pm2 + p);
+        tables(n, c0, c1);
+        K.plane_affine(x + p * S, out + p * S, c1 - c0, S, S, &t.center[p], &t.scale[p], &t.beta[p], relu, stream);
+      });
       if (stream) K.fence();
     });
     return;
@@ -281,12 +329,14 @@ void run_instance_backward(const PlaneView& v, const at::Tensor& dy, at::Tensor&
   const bool stream = stream_stores(dx.nbytes());
   if (!v.channels_last) {
     at::parallel_for(0, v.N * C, plane_grain(v), [&](int64_t begin, int64_t end) {
-      for (int64_t p = begin; p < end; ++p) {
-        K.plane_grad_sums(x + p * S, g + p * S, S, t.center[p], t.scale[p], t.beta[p], relu, ps1 + p, ps2 + p);
-        coefs(p / C, p % C, p % C + 1);
-        K.plane_input_grad(x + p * S, g + p * S, out + p * S, S, t.center[p], t.scale[p], t.beta[p], k.ka[p],
-                           k.kx[p], k.k0[p], relu, stream);
-      }
+      for_plane_runs(begin, end, C, run_planes(v), [&](int64_t n, int64_t c0, int64_t c1) {
+        const int64_t p = n * C + c0;
+        K.plane_grad_sums(x + p * S, g + p * S, c1 - c0, S, S, &t.center[p], &t.scale[p], &t.beta[p], relu, ps1 + p,
+                          ps2 + p);
+        coefs(n, c0, c1);
+        K.plane_input_grad(x + p * S, g + p * S, out + p * S, c1 - c0, S, S, &t.center[p], &t.scale[p], &t.beta[p],
+                           &k.ka[p], &k.kx[p], &k.k0[p], relu, stream);
+      });
       if (stream) K.fence();
     });
     return;

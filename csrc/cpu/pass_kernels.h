@@ -32,17 +32,21 @@ namespace cpu {
 // (once per parallel task: a fence per plane would stall the stores).
 template <typename acc_t>
 struct PassKernels {
-  // ---- NCS planes: S contiguous values of one (sample, channel).
+  // ---- NCS planes: `count` planes of S contiguous values (one (sample, channel) each),
+  // plane i starting at element i * stride of x (and of y, dy, dx); plane i's tables and
+  // results are entry i of each array.
   // Mean and M2 = sum (x - mean)^2 (two passes, the first shifted by x[0]).
-  void (*plane_moments)(const void* x, int64_t S, acc_t* mean, acc_t* m2);
+  void (*plane_moments)(const void* x, int64_t count, int64_t stride, int64_t S, acc_t* mean, acc_t* m2);
   // y = act((x - m) * a + b).
-  void (*plane_affine)(const void* x, void* y, int64_t S, acc_t m, acc_t a, acc_t b, bool relu, bool stream);
+  void (*plane_affine)(const void* x, void* y, int64_t count, int64_t stride, int64_t S, const acc_t* m,
+                       const acc_t* a, const acc_t* b, bool relu, bool stream);
   // s1 = sum g, s2 = sum g (x - m), where g = dy masked by the ReLU of (x - m) * a + b.
-  void (*plane_grad_sums)(const void* x, const void* dy, int64_t S, acc_t m, acc_t a, acc_t b, bool relu,
-                          acc_t* s1, acc_t* s2);
+  void (*plane_grad_sums)(const void* x, const void* dy, int64_t count, int64_t stride, int64_t S, const acc_t* m,
+                          const acc_t* a, const acc_t* b, bool relu, acc_t* s1, acc_t* s2);
   // dx = ka g + kx (x - m) + k0.
-  void (*plane_input_grad)(const void* x, const void* dy, void* dx, int64_t S, acc_t m, acc_t a, acc_t b,
-                           acc_t ka, acc_t kx, acc_t k0, bool relu, bool stream);
+  void (*plane_input_grad)(const void* x, const void* dy, void* dx, int64_t count, int64_t stride, int64_t S,
+                           const acc_t* m, const acc_t* a, const acc_t* b, const acc_t* ka, const acc_t* kx,
+                           const acc_t* k0, bool relu, bool stream);
 
   // ---- NSC blocks: the same four with per-channel tables of C values. `scratch` holds
   // block_scratch_size(C) acc_t values of working space.

@@ -296,15 +296,27 @@ inline void storev(A* p, V v) {
   __builtin_memcpy(p, &v, sizeof v);
 }
 
-// Sum of the lanes, in a fixed pairwise order.
+// Sum of the lanes in a fixed pairwise order: lane i + lane i + L/2, then the same on the
+// half-width result, down to one lane (vector adds on halves, not a scalar loop: planes of
+// 64 values are summed about as often as they are loaded).
+template <typename A, int BYTES>
+struct LaneVec {
+  typedef A type __attribute__((vector_size(BYTES)));
+};
+template <typename A, int BYTES>
+inline A fold_lanes(typename LaneVec<A, BYTES>::type v) {
+  if constexpr (BYTES == 2 * sizeof(A)) {
+    return v[0] + v[1];
+  } else {
+    typename LaneVec<A, BYTES / 2>::type lo, hi;
+    __builtin_memcpy(&lo, &v, BYTES / 2);
+    __builtin_memcpy(&hi, reinterpret_cast<const char*>(&v) + BYTES / 2, BYTES / 2);
+    return fold_lanes<A, BYTES / 2>(lo + hi);
+  }
+}
 template <typename E>
 inline typename E::acc hsum(typename E::vec v) {
-  typename E::acc t[lanes<E>()];
-  __builtin_memcpy(t, &v, sizeof v);
-  for (int w = lanes<E>() / 2; w > 0; w /= 2) {
-    for (int i = 0; i < w; ++i) t[i] += t[i + w];
-  }
-  return t[0];
+  return fold_lanes<typename E::acc, sizeof(typename E::vec)>(v);
 }
 
 // The fused ReLU as torch.relu (NaN stays NaN) and its gradient gate (threshold_backward:
@@ -323,11 +335,11 @@ inline V gate(V pre, V g) {
 // ---- NCS planes.
 
 template <typename E>
-void plane_moments(const void* xv, int64_t S, typename E::acc* mean_out, typename E::acc* m2_out) {
+inline void moments_of_plane(const typename E::storage* x, int64_t S, typename E::acc* mean_out,
+                             typename E::acc* m2_out) {
   using V = typename E::vec;
   using A = typename E::acc;
   constexpr int L = lanes<E>();
-  const typename E::storage* x = static_cast<const typename E::storage*>(xv);
   if (S <= 0) {
     *mean_out = A(0);
     *m2_out = A(0);
@@ -368,6 +380,13 @@ void plane_moments(const void* xv, int64_t S, typename E::acc* mean_out, typenam
   *m2_out = hsum<E>((a0 + a1) + (a2 + a3));
 }
 
+template <typename E>
+void plane_moments(const void* x, int64_t count, int64_t stride, int64_t S, typename E::acc* mean,
+                   typename E::acc* m2) {
+  const typename E::storage* in = static_cast<const typename E::storage*>(x);
+  for (int64_t i = 0; i < count; ++i) moments_of_plane<E>(in + i * stride, S, mean + i, m2 + i);
+}
+
 template <typename E, bool RELU, bool STREAM>
 void plane_affine_body(const typename E::storage* x, typename E::storage* y, int64_t S, typename E::acc m,
                        typename E::acc a, typename E::acc b) {
@@ -384,19 +403,27 @@ void plane_affine_body(const typename E::storage* x, typename E::storage* y, int
   if (s < S) store_part<E>(y + s, activate<RELU>((load_part<E>(x + s, S - s, vm) - vm) * va + vb), S - s);
 }
 
+template <typename E, bool RELU, bool STREAM>
+void planes_affine(const typename E::storage* x, typename E::storage* y, int64_t count, int64_t stride, int64_t S,
+                   const typename E::acc* m, const typename E::acc* a, const typename E::acc* b) {
+  for (int64_t i = 0; i < count; ++i) {
+    plane_affine_body<E, RELU, STREAM>(x + i * stride, y + i * stride, S, m[i], a[i], b[i]);
+  }
+}
+
 template <typename E>
-void plane_affine(const void* x, void* y, int64_t S, typename E::acc m, typename E::acc a, typename E::acc b,
-                  bool relu, bool stream) {
+void plane_affine(const void* x, void* y, int64_t count, int64_t stride, int64_t S, const typename E::acc* m,
+                  const typename E::acc* a, const typename E::acc* b, bool relu, bool stream) {
   using T = typename E::storage;
   const T* in = static_cast<const T*>(x);
   T* out = static_cast<T*>(y);
   stream = stream && kCanStream && misaligned_head<E>(out) >= 0;
   if (relu) {
-    if (stream) plane_affine_body<E, true, true>(in, out, S, m, a, b);
-    else plane_affine_body<E, true, false>(in, out, S, m, a, b);
+    if (stream) planes_affine<E, true, true>(in, out, count, stride, S, m, a, b);
+    else planes_affine<E, true, false>(in, out, count, stride, S, m, a, b);
   } else {
-    if (stream) plane_affine_body<E, false, true>(in, out, S, m, a, b);
-    else plane_affine_body<E, false, false>(in, out, S, m, a, b);
+    if (stream) planes_affine<E, false, true>(in, out, count, stride, S, m, a, b);
+    else planes_affine<E, false, false>(in, out, count, stride, S, m, a, b);
   }
 }
 
@@ -442,11 +469,17 @@ void plane_grad_sums_body(const typename E::storage* x, const typename E::storag
 }
 
 template <typename E>
-void plane_grad_sums(const void* x, const void* dy, int64_t S, typename E::acc m, typename E::acc a,
-                     typename E::acc b, bool relu, typename E::acc* s1, typename E::acc* s2) {
+void plane_grad_sums(const void* x, const void* dy, int64_t count, int64_t stride, int64_t S,
+                     const typename E::acc* m, const typename E::acc* a, const typename E::acc* b, bool relu,
+                     typename E::acc* s1, typename E::acc* s2) {
   using T = typename E::storage;
-  if (relu) plane_grad_sums_body<E, true>(static_cast<const T*>(x), static_cast<const T*>(dy), S, m, a, b, s1, s2);
-  else plane_grad_sums_body<E, false>(static_cast<const T*>(x), static_cast<const T*>(dy), S, m, a, b, s1, s2);
+  const T* in = static_cast<const T*>(x);
+  const T* g = static_cast<const T*>(dy);
+  for (int64_t i = 0; i < count; ++i) {
+    const int64_t o = i * stride;
+    if (relu) plane_grad_sums_body<E, true>(in + o, g + o, S, m[i], a[i], b[i], s1 + i, s2 + i);
+    else plane_grad_sums_body<E, false>(in + o, g + o, S, m[i], a[i], b[i], s1 + i, s2 + i);
+  }
 }
 
 template <typename E, bool RELU>
@@ -483,9 +516,21 @@ void plane_input_grad_body(const typename E::storage* x, const typename E::stora
   }
 }
 
+template <typename E, bool RELU, bool STREAM>
+void planes_input_grad(const typename E::storage* x, const typename E::storage* dy, typename E::storage* dx,
+                       int64_t count, int64_t stride, int64_t S, const typename E::acc* m, const typename E::acc* a,
+                       const typename E::acc* b, const typename E::acc* ka, const typename E::acc* kx,
+                       const typename E::acc* k0) {
+  for (int64_t i = 0; i < count; ++i) {
+    const int64_t o = i * stride;
+    plane_input_grad_body<E, RELU, STREAM>(x + o, dy + o, dx + o, S, m[i], a[i], b[i], ka[i], kx[i], k0[i]);
+  }
+}
+
 template <typename E>
-void plane_input_grad(const void* x, const void* dy, void* dx, int64_t S, typename E::acc m, typename E::acc a,
-                      typename E::acc b, typename E::acc ka, typename E::acc kx, typename E::acc k0, bool relu,
+void plane_input_grad(const void* x, const void* dy, void* dx, int64_t count, int64_t stride, int64_t S,
+                      const typename E::acc* m, const typename E::acc* a, const typename E::acc* b,
+                      const typename E::acc* ka, const typename E::acc* kx, const typename E::acc* k0, bool relu,
                       bool stream) {
   using T = typename E::storage;
   const T* in = static_cast<const T*>(x);
@@ -493,11 +538,11 @@ void plane_input_grad(const void* x, const void* dy, void* dx, int64_t S, typena
   T* out = static_cast<T*>(dx);
   stream = stream && kCanStream && misaligned_head<E>(out) >= 0;
   if (relu) {
-    if (stream) plane_input_grad_body<E, true, true>(in, g, out, S, m, a, b, ka, kx, k0);
-    else plane_input_grad_body<E, true, false>(in, g, out, S, m, a, b, ka, kx, k0);
+    if (stream) planes_input_grad<E, true, true>(in, g, out, count, stride, S, m, a, b, ka, kx, k0);
+    else planes_input_grad<E, true, false>(in, g, out, count, stride, S, m, a, b, ka, kx, k0);
   } else {
-    if (stream) plane_input_grad_body<E, false, true>(in, g, out, S, m, a, b, ka, kx, k0);
-    else plane_input_grad_body<E, false, false>(in, g, out, S, m, a, b, ka, kx, k0);
+    if (stream) planes_input_grad<E, false, true>(in, g, out, count, stride, S, m, a, b, ka, kx, k0);
+    else planes_input_grad<E, false, false>(in, g, out, count, stride, S, m, a, b, ka, kx, k0);
   }
 }
 
