@@ -25,21 +25,25 @@ from torch import Tensor, nn
 
 import unirep_kernels
 from unirep_kernels import reference
+from unirep_kernels.backends import AUTO_ORDER, NAMES
 
 from norm_cases import MODES, Case
 
 MOMENTUM = 0.1
 EPS = 1e-5
 
-BACKENDS = ("reference", "cpp", "cuda", "triton")
-# Our backends per device type, in the order they are reported (the first available
-# compiled one is the "primary" backend the headline ratios are given for).
-DEVICE_BACKENDS = {"cpu": ("cpp", "reference"), "cuda": ("cuda", "triton", "reference")}
+BACKENDS = NAMES
+# Our backends per device type, in the order they are reported: the library's own "auto"
+# order, fastest first (the first available compiled one is the "primary" backend the
+# headline ratios are given for).
+DEVICE_BACKENDS = AUTO_ORDER
 BASELINES = ("eager_loop", "module_list", "native", "compiled")
 BASELINE_TITLES = {
     "eager_loop": "eager per-domain loop: for each domain present, index_select its samples, F.batch_norm / "
                   "F.instance_norm them with that domain's rows of weight, bias and running stats, index_copy_ "
-                  "the result back (a pure batch goes through the same loop, once)",
+                  "the result back (a pure batch goes through the same loop, once, with its index built in the "
+                  "case's preparation: its domain is a host int; a mixed batch is grouped by domain, torch.unique "
+                  "+ nonzero, in every call)",
     "module_list": "nn.ModuleList of one nn.BatchNorm2d / nn.InstanceNorm2d(affine=True) per domain, indexed by "
                    "domain: modules[d](x) for a pure batch, the select / normalize / scatter loop for a mixed one "
                    "(BN+: BatchNorm2d(track_running_stats=False), which uses batch stats in eval mode)",
@@ -193,11 +197,20 @@ def _prepare_backend(name: str, case: Case, t: CaseTensors) -> Prepared:
                          backend=name)
 
 
-def _domain_groups(domain: Union[int, Tensor], n: int, device: torch.device) -> List[Tuple[int, Tensor]]:
+def _domain_groups(domain: Tensor) -> List[Tuple[int, Tensor]]:
     """(domain, indices of its samples) for every domain present, in increasing order."""
-    if isinstance(domain, int):
-        domain = torch.full((n,), domain, dtype=torch.long, device=device)
     return [(d, (domain == d).nonzero(as_tuple=True)[0]) for d in torch.unique(domain).tolist()]
+
+
+def _group_source(domain: Union[int, Tensor], n: int, device: torch.device) -> Callable[[], List[Tuple[int, Tensor]]]:
+    """How a loop gets its (domain, sample indices) groups in each call. A pure batch's
+    domain is a host int, known before the call: its one group is built here, once, as a
+    hand-written loop would. A mixed batch brings its domain tensor with it: grouped in
+    every call."""
+    if isinstance(domain, int):
+        groups = [(domain, torch.arange(n, device=device))]
+        return lambda: groups
+    return lambda: _domain_groups(domain)
 
 
 def _prepare_eager_loop(case: Case, t: CaseTensors) -> Prepared:
@@ -209,9 +222,11 @@ def _prepare_eager_loop(case: Case, t: CaseTensors) -> Prepared:
             return F.batch_norm(xd, None, None, t.weight[d], t.bias[d], training=True, momentum=MOMENTUM, eps=EPS)
         return F.instance_norm(xd, weight=t.weight[d], bias=t.bias[d], eps=EPS)
 
+    groups = _group_source(t.domain, case.dims[0], t.weight.device)
+
     def run(x: Tensor, training: bool) -> Tensor:
         y = torch.empty_like(x)
-        for d, idx in _domain_groups(t.domain, x.shape[0], x.device):
+        for d, idx in groups():
             y.index_copy_(0, idx, normalize(x.index_select(0, idx), d, training))
         return y
 
@@ -243,7 +258,7 @@ def _prepare_module_list(case: Case, t: CaseTensors) -> Prepared:
         if isinstance(t.domain, int):
             return modules[t.domain](x)
         y = torch.empty_like(x)
-        for d, idx in _domain_groups(t.domain, x.shape[0], x.device):
+        for d, idx in _domain_groups(t.domain):
             y.index_copy_(0, idx, modules[d](x.index_select(0, idx)))
         return y
 
@@ -296,15 +311,11 @@ def _prepare_native(case: Case, t: CaseTensors) -> Prepared:
     return Prepared(run, (t.weight, t.bias), _identity_tables, _table_stats(case, t))
 
 
-def reset_compiler() -> None:
-    """Forget earlier cases' compiled graphs (each case compiles its own, dynamic=False),
-    so that the recompile limit of the reference functions is never reached.
-
-    Also turns off AOTAutograd's donated buffers (the compiled backward reusing saved
-    tensors' memory), which refuse ``retain_graph=True``: the backward mode runs each
-    retained graph's backward many times.
-    """
-    torch._dynamo.reset()
+def configure_compiler() -> None:
+    """Once per run, before any case: raise the recompile limit (every case compiles the
+    reference functions anew, dynamic=False) and turn off AOTAutograd's donated buffers (the
+    compiled backward reusing saved tensors' memory), which refuse ``retain_graph=True``:
+    the backward mode runs each retained graph's backward many times."""
     for name in ("recompile_limit", "cache_size_limit"):
         if hasattr(torch._dynamo.config, name):
             setattr(torch._dynamo.config, name, max(64, getattr(torch._dynamo.config, name)))
@@ -312,6 +323,11 @@ def reset_compiler() -> None:
 
     if hasattr(functorch_config, "donated_buffer"):
         functorch_config.donated_buffer = False
+
+
+def reset_compiler() -> None:
+    """Before each case that compiles: forget earlier cases' graphs."""
+    torch._dynamo.reset()
 
 
 def _prepare_compiled(case: Case, t: CaseTensors) -> Prepared:

@@ -21,8 +21,9 @@ the speedup over each baseline; it prints a table and writes
     python benchmarks/norm_speed.py --device cuda --out DIR   # on a GPU
 
 Modules: norm_cases.py (grid, byte model), norm_impls.py (implementations, correctness
-guard), norm_timing.py (timing, load, copy bandwidth), norm_report.py (tables, markdown),
-norm_plot.py (PNG).
+guard), norm_timing.py (timing, load, copy bandwidth), norm_report.py (tables, markdown,
+PNG). It benchmarks the ``unirep_kernels`` that ``import`` finds (an install, or the
+checkout on PYTHONPATH); the results name its path and extension build.
 """
 
 from __future__ import annotations
@@ -30,7 +31,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import gc
-import glob
 import json
 import os
 import shlex
@@ -38,32 +38,23 @@ import sys
 import time
 from typing import Callable, Dict, List, Optional, Sequence
 
+import torch
+
+try:
+    import unirep_kernels
+except ImportError as exc:
+    raise SystemExit(f"norm_speed.py: unirep_kernels is not importable ({exc}); install it (pip install "
+                     "--no-build-isolation -e .) or put the checkout on PYTHONPATH") from None
+
+import norm_cases
+import norm_impls
+import norm_report
+import norm_timing
+from norm_cases import MODES, MiB, Case
+from norm_impls import BACKENDS, BASELINES
+from norm_timing import TimingPlan
+
 HERE = os.path.dirname(os.path.abspath(__file__))
-REPO = os.path.dirname(HERE)
-# Which unirep_kernels to benchmark: this checkout when its extension is built in place
-# (an editable install, `python setup.py build_ext --inplace`), whatever the working
-# directory; otherwise an installed package comes first (on a GPU machine,
-# `pip install --no-build-isolation .` builds _C into site-packages, not into the
-# checkout), and the checkout is the fallback. The machine info records the path used.
-_BUILT_HERE = glob.glob(os.path.join(REPO, "unirep_kernels", "_C*.so")) + \
-    glob.glob(os.path.join(REPO, "unirep_kernels", "_C*.pyd"))
-if _BUILT_HERE:
-    sys.path.insert(0, REPO)
-else:
-    sys.path.append(REPO)
-sys.path.insert(1, HERE)  # the norm_* modules beside this script
-import torch  # noqa: E402
-
-import unirep_kernels  # noqa: E402
-
-import norm_cases  # noqa: E402
-import norm_impls  # noqa: E402
-import norm_report  # noqa: E402
-import norm_timing  # noqa: E402
-from norm_cases import MODES, MiB, Case  # noqa: E402
-from norm_impls import BACKENDS, BASELINES  # noqa: E402
-from norm_timing import TimingPlan  # noqa: E402
-
 DEFAULT_OUT = os.path.join(HERE, "results")
 SMOKE_SHAPE = "16x8x6x6"
 QUICK_SHAPE = norm_cases.RESNET38_SWEEP
@@ -207,7 +198,7 @@ def run_case(case: Case, pool: norm_impls.InputPool, device: torch.device, backe
         row["elapsed_s"] = time.perf_counter() - t0
         result["modes"][mode] = row
         log(f"    {mode:<14} " + "  ".join(f"{n} {row['times'][n]['median_ms']:.3g}" for n in row["times"])
-            + f" ms  ({row['elapsed_s']:.1f} s, bg {norm_report._cores(row['background_cores'])})")
+            + f" ms  ({row['elapsed_s']:.1f} s, bg {norm_report.format_cores(row['background_cores'])})")
     loads = [m["background_cores"] for m in result["modes"].values() if m["background_cores"] is not None]
     result["background_cores"] = max(loads) if loads else None
     result["elapsed_s"] = time.perf_counter() - start
@@ -315,6 +306,10 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                      help="MiB of x the timed calls rotate over, at least (default: CPU max(96, 2 x last-level "
                           "cache) up to 1024; GPU max(256, 4 x L2))")
     run.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's default)")
+    run.add_argument("--clock", choices=("wall", "thread"), default="wall",
+                     help="CPU timer: wall (elapsed time) or thread (CPU time of the timing thread: on a shared "
+                          "machine it leaves out the time a call spends descheduled; needs --threads 1) "
+                          "(default: wall)")
     run.add_argument("--alloc", choices=("reuse", "system"), default="reuse",
                      help="CPU output allocations: 'reuse' keeps freed memory and never mmaps (glibc mallopt), so "
                           "outputs reuse warm memory in every column as with a caching allocator; 'system' leaves "
@@ -388,6 +383,8 @@ def _resolve_args(args: argparse.Namespace) -> None:
         raise ValueError("--rotate-mib must not be negative")
     if args.threads is not None and args.threads < 1:
         raise ValueError("--threads must be at least 1")
+    if args.clock == "thread" and (device.type != "cpu" or args.threads != 1):
+        raise ValueError("--clock thread measures one thread's CPU time: it needs --device cpu and --threads 1")
     if args.wait_idle < 0:
         raise ValueError("--wait-idle must not be negative")
     if args.attempts < 1:
@@ -396,10 +393,11 @@ def _resolve_args(args: argparse.Namespace) -> None:
 
 def timing_plan(args: argparse.Namespace) -> TimingPlan:
     if args.smoke:
-        return TimingPlan(min_run_time=args.min_run_time, block_time=0.002, min_blocks=2, max_rounds=3, warmup=0)
+        return TimingPlan(min_run_time=args.min_run_time, block_time=0.002, min_blocks=2, max_rounds=3, warmup=0,
+                          clock=args.clock)
     if args.device.type == "cuda":
         return TimingPlan(min_run_time=args.min_run_time, block_time=0.01, min_blocks=5, warmup=3)
-    return TimingPlan(min_run_time=args.min_run_time, block_time=0.05, min_blocks=3,
+    return TimingPlan(min_run_time=args.min_run_time, block_time=0.05, min_blocks=3, clock=args.clock,
                       warmup=0)  # the check and the calibration call warm up
 
 
@@ -431,8 +429,9 @@ def compile_selection(args: argparse.Namespace, cases: Sequence[Case]) -> set:
     return {c.name for c in cases if c.is_main_config and c.shape.label in sweep}
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
-    args = parse_args(argv)
+def measure(args: argparse.Namespace) -> Optional[Dict[str, object]]:
+    """Run the selected cases: the payload of the results files (None with --list, after
+    printing the cases)."""
     device: torch.device = args.device
     start = time.perf_counter()
     if args.threads:
@@ -445,22 +444,25 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
               else 0 if args.smoke else norm_timing.rotation_bytes(device, cache))
     cases = build_case_list(args, cache, available)
     compiled_cases = compile_selection(args, cases)
-    if compiled_cases and device.type == "cpu" and "TORCHINDUCTOR_COMPILE_THREADS" not in os.environ:
-        # On a small CPU machine compile in this process, not in a pool of worker processes
-        # that would compete with the timed calls (a GPU host keeps inductor's parallel compile).
-        import torch._inductor.config as inductor_config
-
-        inductor_config.compile_threads = 1
     if args.list:
         for c in cases:
             print(f"{c.name:<48} {c.describe()}; modes {', '.join(c.modes)}"
                   + ("; + torch.compile" if c.name in compiled_cases else ""))
         print(f"{len(cases)} cases, {sum(len(c.modes) for c in cases)} (case, mode) rows")
-        return 0
+        return None
+    if compiled_cases:
+        norm_impls.configure_compiler()
+        if device.type == "cpu" and "TORCHINDUCTOR_COMPILE_THREADS" not in os.environ:
+            # On a small CPU machine compile in this process, not in a pool of worker processes
+            # that would compete with the timed calls (a GPU host keeps inductor's parallel compile).
+            import torch._inductor.config as inductor_config
+
+            inductor_config.compile_threads = 1
     info = norm_report.machine_info(device)
     info["allocator"] = allocator
     info["env"] = {k: os.environ[k] for k in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "GLIBC_TUNABLES",
-                                             "UNIREP_BACKEND", "TORCHINDUCTOR_COMPILE_THREADS") if k in os.environ}
+                                             "UNIREP_BACKEND", "UNIREP_CPU_STREAM_STORES", "ATEN_CPU_CAPABILITY",
+                                             "TORCHINDUCTOR_COMPILE_THREADS") if k in os.environ}
     plan = timing_plan(args)
     print(f"{info.get('gpu') or info['cpu_model']}, torch {info['torch']}, {info['torch_threads']} threads, device "
           f"{device}, backends {args.backend_list}, baselines {args.baseline_list}, {len(cases)} cases "
@@ -481,7 +483,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         copies.append(norm_timing.copy_bandwidth(nbytes, device, copy_plan, rotate, args.wait_idle, args.attempts))
         copy_gbps[nbytes] = copies[-1]["gbps"]
         print(f"copy bandwidth at {norm_cases.format_bytes(nbytes)}: {copies[-1]['gbps']:.1f} GB/s "
-              f"(bg {norm_report._cores(copies[-1]['background_cores'])})")
+              f"(bg {norm_report.format_cores(copies[-1]['background_cores'])})")
 
     results_by_name: Dict[str, Dict[str, object]] = {}
     groups: Dict[tuple, List[Case]] = {}
@@ -503,9 +505,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
     primary = next((b for b in args.backend_list if b != "reference"), args.backend_list[0] if args.backend_list
                    else None)
-    command = shlex.join(["python", "benchmarks/norm_speed.py"] + args.argv)
     payload: Dict[str, object] = {
-        "command": command, "machine": info,
+        "command": shlex.join(["python", "benchmarks/norm_speed.py"] + args.argv), "machine": info,
         "options": {"quick": args.quick, "smoke": args.smoke, "grid": args.grid, "suites": args.suite_list,
                     "shapes": args.shape_args, "dtypes": args.dtype_list, "layouts": args.layout_list,
                     "norms": args.norm_list, "domains": args.domain_list, "batches": args.batch_list,
@@ -523,9 +524,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         "load": norm_report.load_summary(results),
     }
     payload["elapsed_s"] = time.perf_counter() - start
+    return payload
 
+
+def print_summary(payload: Dict[str, object]) -> None:
+    """The results table, legend, headline ratios, targets and load on the terminal."""
     print()
-    print(norm_report.results_table(results, args.baseline_list, markdown=False))
+    print(norm_report.results_table(payload["cases"], payload["baselines"], markdown=False))
     print()
     print(norm_report.LEGEND)
     if payload["headline"]:
@@ -538,34 +543,38 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     load = payload["load"]
     if load["busy_rows"]:
         print(f"\nnote: the machine was loaded while {load['busy_rows']} of {load['rows']} rows were measured "
-              f"(background up to {norm_report._cores(load['max'])})")
+              f"(background up to {norm_report.format_cores(load['max'])})")
 
-    os.makedirs(args.out, exist_ok=True)
-    stem = os.path.join(args.out, args.name or f"{info['device_name']}-{info['date']}")
+
+def write_results(payload: Dict[str, object], out: str, name: Optional[str], plot: bool) -> List[str]:
+    """<out>/<name>.json, .md and (with ``plot``, when matplotlib is there) .png; the paths written."""
+    os.makedirs(out, exist_ok=True)
+    info = payload["machine"]
+    stem = os.path.join(out, name or f"{info['device_name']}-{info['date']}")
     png = None
-    if not args.no_plot:
+    if plot:
         try:
-            import norm_plot
-
-            norm_plot.write_plot(stem + ".png", payload)
+            norm_report.write_plot(stem + ".png", payload)
             png = os.path.basename(stem) + ".png"
         except ImportError as exc:  # matplotlib missing: results without the plot
             print(f"warning: no plot ({exc})", file=sys.stderr)
     with open(stem + ".json", "w") as f:
         json.dump(payload, f, indent=1, default=str)
-    norm_report.write_markdown(stem + ".md", payload, command, png)
-    written = ", ".join(os.path.basename(stem) + ext for ext in (".md", ".json") + ((".png",) if png else ()))
-    print(f"\nwrote {written} to {os.path.dirname(stem) or '.'} ({payload['elapsed_s']:.0f} s)")
+    norm_report.write_markdown(stem + ".md", payload, payload["command"], png)
+    return [stem + ext for ext in (".md", ".json") + ((".png",) if png else ())]
 
-    # Our backends failing the guard fails the run. A baseline that raises or differs is left
-    # out of the timing and reported, not fatal: torch.compile of the reference, for one, can
-    # fail or lose precision on some CPUs (see docs/benchmarks.md).
+
+def exit_status(payload: Dict[str, object]) -> int:
+    """1 when one of our backends failed the guard or raised, else 0. A baseline that raises
+    or differs is left out of the timing and reported, not fatal: torch.compile of the
+    reference, for one, can fail or lose precision on some CPUs (see docs/benchmarks.md)."""
+    results, ours = payload["cases"], payload["backends"]
     bad = [f"{r['case']['name']}: {n}" for r in results for n, s in r["impl_status"].items()
-           if s in ("failed", "error") and n in args.backend_list]
+           if s in ("failed", "error") and n in ours]
     bad += [f"{r['case']['name']} {mode}: {n} raised" for r in results for mode, m in r["modes"].items()
-            for n in m["errors"] if n in args.backend_list]
+            for n in m["errors"] if n in ours]
     excluded = [f"{r['case']['name']}: {n} ({s})" for r in results for n, s in r["impl_status"].items()
-                if s in ("failed", "error") and n not in args.backend_list]
+                if s in ("failed", "error") and n not in ours]
     if excluded:
         print("warning: baselines left out of the timing (see the notes in the results): " + "; ".join(excluded),
               file=sys.stderr)
@@ -573,6 +582,18 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print("CORRECTNESS CHECK FAILED (not timed): " + "; ".join(bad))
         return 1
     return 0
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args = parse_args(argv)
+    payload = measure(args)
+    if payload is None:  # --list
+        return 0
+    print_summary(payload)
+    written = write_results(payload, args.out, args.name, plot=not args.no_plot)
+    print(f"\nwrote {', '.join(os.path.basename(p) for p in written)} to {os.path.dirname(written[0]) or '.'} "
+          f"({payload['elapsed_s']:.0f} s)")
+    return exit_status(payload)
 
 
 if __name__ == "__main__":

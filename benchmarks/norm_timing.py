@@ -105,6 +105,12 @@ class TimingPlan:
     min_blocks: int = 3
     max_rounds: int = 50
     warmup: int = 2
+    # CPU: "wall" (time.perf_counter) or "thread" (time.thread_time: CPU time of the timing
+    # thread, blind to time spent descheduled; meaningful with one torch thread only).
+    clock: str = "wall"
+
+
+CLOCKS = {"wall": time.perf_counter, "thread": time.thread_time}
 
 
 def synchronize(device: torch.device) -> None:
@@ -118,9 +124,11 @@ class CpuRoundTimer:
     warm-up after the other implementations ran, then times blocks of that many calls
     until ``block_time`` has passed: at least one block)."""
 
-    def __init__(self, fn: Callable[[], object], device: torch.device, block_time: float) -> None:
+    def __init__(self, fn: Callable[[], object], device: torch.device, block_time: float,
+                 clock: str = "wall") -> None:
         # num_threads: the process's (Timer would otherwise pin the blocks to one thread).
-        self.timer = benchmark.Timer(stmt="fn()", globals={"fn": fn}, num_threads=torch.get_num_threads())
+        self.timer = benchmark.Timer(stmt="fn()", globals={"fn": fn}, num_threads=torch.get_num_threads(),
+                                     timer=CLOCKS[clock])
         self.block_time = block_time
 
     def measure(self) -> Tuple[List[float], int, float]:
@@ -133,7 +141,8 @@ class CudaRoundTimer:
     """One round's measurement on a GPU: one block of calls between two CUDA events, the
     device synchronized first; the block's size is set once, from a first timed call."""
 
-    def __init__(self, fn: Callable[[], object], device: torch.device, block_time: float) -> None:
+    def __init__(self, fn: Callable[[], object], device: torch.device, block_time: float,
+                 clock: str = "wall") -> None:
         self.fn, self.device, self.block_time = fn, device, block_time
         self.number: Optional[int] = None
 
@@ -156,8 +165,8 @@ class CudaRoundTimer:
         return [t / self.number], self.number, t
 
 
-def round_timer(fn: Callable[[], object], device: torch.device, block_time: float):
-    return (CudaRoundTimer if device.type == "cuda" else CpuRoundTimer)(fn, device, block_time)
+def round_timer(fn: Callable[[], object], device: torch.device, block_time: float, clock: str = "wall"):
+    return (CudaRoundTimer if device.type == "cuda" else CpuRoundTimer)(fn, device, block_time, clock)
 
 
 def _summary(per_call: List[float], calls: int) -> Dict[str, float]:
@@ -173,7 +182,7 @@ def time_callables(fns: Dict[str, Callable[[], object]], device: torch.device,
     interleaved in rounds (see the module docstring): every callable gets ``plan.warmup``
     untimed calls, then rounds of one measurement each until it has ``plan.min_blocks``
     blocks and ``plan.min_run_time`` seconds timed."""
-    timers = {name: round_timer(fn, device, plan.block_time) for name, fn in fns.items()}
+    timers = {name: round_timer(fn, device, plan.block_time, plan.clock) for name, fn in fns.items()}
     for fn in fns.values():
         for _ in range(plan.warmup):
             fn()

@@ -129,6 +129,41 @@ def output_and_grads(run, case, backend, seed, **kw):
     return (y,) + torch.autograd.grad(y, inputs, g)
 
 
+def assert_low_precision(got, low, ref, dtype, what=""):
+    """The low-precision criterion, elementwise: |got - ref| <= 2 |low - ref| + eps (1 + |ref|).
+
+    ``ref`` is exact arithmetic (float64) on the same rounded inputs, ``low`` what PyTorch's
+    own low-precision computation gives (float32 accumulation, rounded to ``dtype``), eps is
+    ``dtype``'s: no worse than PyTorch at low precision, up to one rounding of the result.
+    """
+    got, low, ref = got.double(), low.double(), ref.double()
+    assert got.shape == ref.shape, f"{what}: shape {tuple(got.shape)} != {tuple(ref.shape)}"
+    err = (got - ref).abs()
+    bound = 2 * (low - ref).abs() + torch.finfo(dtype).eps * (1 + ref.abs())
+    assert (err <= bound).all(), f"{what}: max excess {(err - bound).max().item():.3g}"
+
+
+def results_with_grads(run, case, backend, cotangent, **kw):
+    """{y, dx, dweight, dbias (those the case has), running stats} of ``run`` (run_bn /
+    run_in) on a copy of ``case`` for the cotangent ``cotangent`` (cast to y's dtype)."""
+    c = clone_stats(case)
+    x = c["x"].detach().clone().requires_grad_()
+    c["x"] = x
+    inputs, names = [x], ["dx"]
+    for key in ("weight", "bias"):
+        if c[key] is not None:
+            c[key] = c[key].detach().clone().requires_grad_()
+            inputs.append(c[key])
+            names.append("d" + key)
+    y = run(c, backend, **kw)
+    grads = torch.autograd.grad(y, inputs, cotangent.to(y.dtype))
+    out = dict(zip(names, grads), y=y.detach())
+    for key in ("running_mean", "running_var"):
+        if c.get(key) is not None:
+            out[key] = c[key]
+    return out
+
+
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(1234)

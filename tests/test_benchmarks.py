@@ -129,7 +129,8 @@ def test_bad_options_give_clear_errors(capsys):
                        (["--device", "meta"], "--device must be cpu or cuda"),
                        (["--backends", "triton"], "--backends"),
                        (["--quick", "--smoke"], "exclude each other"),
-                       (["--min-run-time", "0"], "--min-run-time must be positive")):
+                       (["--min-run-time", "0"], "--min-run-time must be positive"),
+                       (["--clock", "thread"], "--clock thread measures one thread's CPU time")):
         with pytest.raises(SystemExit) as exc:
             norm_speed.parse_args(argv)
         assert exc.value.code == 2
@@ -143,7 +144,7 @@ def test_help_explains_every_option():
     for option in ("--quick", "--smoke", "--suite", "--shapes", "--grid", "--dtypes", "--layouts", "--norms",
                    "--domains", "--batches", "--modes", "--backends", "--baselines", "--compile", "--list",
                    "--device", "--out", "--name", "--wait-idle", "--min-run-time", "--rotate-mib", "--threads",
-                   "--alloc", "--no-plot", "under a minute"):
+                   "--alloc", "--no-plot", "--clock", "under a minute"):
         assert option in out.stdout
 
 
@@ -169,6 +170,18 @@ def test_time_callables_interleaves_and_orders():
     assert out["b"]["median_ms"] > 2 * out["a"]["median_ms"]
     timed = calls[4:]  # after warm-up and calibration: blocks alternate between the two
     assert timed.index("b") < len(timed) - 1 and "a" in timed[timed.index("b"):]
+
+
+def test_thread_clock_leaves_out_time_spent_waiting():
+    """--clock thread counts CPU time: a call that sleeps costs (almost) nothing."""
+    plan = norm_timing.TimingPlan(min_run_time=0.02, block_time=0.01, min_blocks=2, warmup=0, clock="thread")
+
+    def spin():
+        end = time.thread_time() + 0.002
+        while time.thread_time() < end:
+            pass
+    out = norm_timing.time_callables({"sleep": lambda: time.sleep(0.002), "spin": spin}, torch.device("cpu"), plan)
+    assert out["sleep"]["median_ms"] < 0.5 < out["spin"]["median_ms"]
 
 
 def test_rotating_cycles_over_copies():
@@ -304,6 +317,61 @@ def test_wrong_baseline_is_left_out_not_fatal(tmp_path, monkeypatch, capsys):
         assert r["impl_status"]["native"] == "failed"
         assert all("native" not in row["times"] for row in r["modes"].values())
     assert "native differs from reference.py" in md
+
+
+def test_eager_loop_groups_only_mixed_batches_per_call(monkeypatch):
+    """A pure batch's domain is a host int: the eager loop builds its index once, in
+    preparation; a mixed batch is grouped (torch.unique) in every call, as it must be."""
+    calls = []
+    real = torch.unique
+
+    def counting_unique(*args, **kwargs):
+        calls.append(1)
+        return real(*args, **kwargs)
+    for batch, per_call in (("pure", 0), ("mixed", 1)):
+        case = _tiny_case(batch=batch)
+        pool = norm_impls.make_pool(case.dims, case.torch_dtype, False, torch.device("cpu"), copies=1)
+        prepared = norm_impls.prepare("eager_loop", case, norm_impls.make_case_tensors(case, torch.device("cpu")))
+        monkeypatch.setattr(norm_impls.torch, "unique", counting_unique)
+        calls.clear()
+        with torch.no_grad():
+            for _ in range(3):
+                prepared.run(pool.xs[0], False)
+        monkeypatch.setattr(norm_impls.torch, "unique", real)
+        assert len(calls) == 3 * per_call, batch
+
+
+def test_compiler_is_configured_once_per_run(tmp_path, monkeypatch):
+    configured, resets = [], []
+    monkeypatch.setattr(norm_impls, "configure_compiler", lambda: configured.append(1))
+    monkeypatch.setattr(norm_impls, "reset_compiler", lambda: resets.append(1))
+    monkeypatch.setattr(norm_impls.torch, "compile", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("no")))
+    rc = norm_speed.main(SMOKE + ["--out", str(tmp_path), "--name", "once", "--no-plot", "--compile", "all",
+                                  "--norms", "bn", "--modes", "eval_fwd", "--baselines", "compiled"])
+    assert rc == 0 and len(configured) == 1 and len(resets) == 2  # 2 cases: D=1 pure, D=10 mixed
+
+
+def test_benchmark_backend_lists_are_the_librarys():
+    from unirep_kernels.backends import AUTO_ORDER, NAMES
+
+    assert norm_impls.BACKENDS is NAMES and norm_impls.DEVICE_BACKENDS is AUTO_ORDER
+
+
+def test_main_is_measure_print_write_exit_status(tmp_path, monkeypatch, capsys):
+    """main = measure -> print_summary -> write_results -> exit_status; each usable alone."""
+    args = norm_speed.parse_args(SMOKE + ["--norms", "in", "--modes", "eval_fwd", "--baselines", "native",
+                                          "--batches", "pure", "--domains", "1"])
+    payload = norm_speed.measure(args)
+    assert [r["case"]["name"] for r in payload["cases"]] == ["16x8x6x6 f32 NCHW in D1 pure"]
+    norm_speed.print_summary(payload)
+    assert "16x8x6x6" in capsys.readouterr().out
+    written = norm_speed.write_results(payload, str(tmp_path), "split", plot=False)
+    assert sorted(os.path.basename(p) for p in written) == ["split.json", "split.md"]
+    assert norm_speed.exit_status(payload) == 0
+    ours = payload["backends"][0]
+    payload["cases"][0]["impl_status"][ours] = "failed"
+    assert norm_speed.exit_status(payload) == 1
+    assert norm_speed.measure(norm_speed.parse_args(SMOKE + ["--list"])) is None
 
 
 def test_error_notes_keep_the_message_not_the_advice():

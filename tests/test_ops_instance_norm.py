@@ -7,9 +7,11 @@ import itertools
 import pytest
 import torch
 
-from conftest import COMPILED_BACKENDS, cast_params, devices_for, make_case, output_and_grads, run_in
+from conftest import (COMPILED_BACKENDS, assert_low_precision, cast_params, devices_for, make_case, output_and_grads,
+                      results_with_grads, run_in)
 
-SHAPES = [(6, 5, (4, 3)), (5, 3, (1, 2)), (7, 4, (5,)), (3, 6, (9, 7)), (4, 3, (2, 3, 2))]
+SHAPES = [(6, 5, (4, 3)), (5, 3, (1, 2)), (7, 4, (5,)), (3, 6, (9, 7)), (4, 3, (2, 3, 2)),
+          (4, 20, (5, 7)), (3, 64, (6, 5))]  # C = 20, 64: the channels_last vector paths
 AFFINES = [("domain", "domain"), ("universal", "universal"), ("universal", "domain"), (None, None)]
 
 
@@ -36,6 +38,33 @@ def test_forward_and_backward_match_reference_float64(backend, shape, num_domain
             torch.testing.assert_close(mine, ref, atol=1e-10, rtol=1e-10)
         if channels_last:
             assert results[0][0].stride() == case["x"].stride()
+
+
+@pytest.mark.parametrize("backend", COMPILED_BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("num_domains", [1, 3, 10])
+@pytest.mark.parametrize("batch", ["pure", "mixed", "mixed-absent"])
+@pytest.mark.parametrize("shape", SHAPES)
+def test_half_precision_grid(backend, shape, num_domains, batch, dtype):
+    """float16 / bfloat16 over the grid of the float64 test: y, dx, dweight and dbias meet
+    the low-precision criterion, contiguous and channels_last, with and without the ReLU."""
+    layouts = [False, True] if len(shape[2]) >= 2 else [False]
+    for seed, (channels_last, relu) in enumerate(itertools.product(layouts, [False, True])):
+        case = _case(shape, num_domains, batch, "domain", "universal", seed, channels_last=channels_last,
+                     device=devices_for(backend)[0])
+        low = cast_params(dict(case, x=case["x"].to(dtype)), torch.float32)
+        ref64 = dict(case, x=low["x"].double())  # the same rounded input, exact arithmetic
+        g = torch.randn(case["x"].shape, dtype=torch.float64, generator=torch.Generator().manual_seed(seed))
+        g = g.to(dtype).to(case["x"].device)
+        mine = results_with_grads(run_in, low, backend, g, relu=relu)
+        torch_low = results_with_grads(run_in, low, "reference", g, relu=relu)
+        exact = results_with_grads(run_in, ref64, "reference", g.double(), relu=relu)
+        assert mine["y"].dtype == dtype and mine["dx"].dtype == dtype
+        if channels_last:
+            assert mine["y"].stride() == low["x"].stride() and mine["dx"].stride() == low["x"].stride()
+        for key in exact:
+            assert_low_precision(mine[key], torch_low[key], exact[key], dtype,
+                                 f"{key} (channels_last={channels_last}, relu={relu})")
 
 
 @pytest.mark.parametrize("backend", COMPILED_BACKENDS)

@@ -178,6 +178,9 @@ BACKENDS: Dict[str, Backend] = {b.name: b for b in (
     Backend("reference", None, None, ("*",), auto=("*",), built=(True, "pure PyTorch; always available")),
 )}
 NAMES = tuple(BACKENDS)
+#: Backends ``"auto"`` may choose on each device type, in the order it tries them (fastest first).
+AUTO_ORDER: Dict[str, Tuple[str, ...]] = {
+    kind: tuple(b.name for b in BACKENDS.values() if kind in b.auto or "*" in b.auto) for kind in ("cpu", "cuda")}
 
 
 def backends() -> Dict[str, Tuple[bool, str]]:

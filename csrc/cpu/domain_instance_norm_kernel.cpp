@@ -1,10 +1,9 @@
 // unirep::domain_instance_norm_forward / _backward on the CPU.
 //
 // Statistics per (sample, channel) plane; the affine comes from the sample's domain. The
-// tables are indexed by sample (rows = N), so the passes of norm_passes.h apply unchanged.
+// tables are indexed by sample (rows = N): norm_passes.h's instance drivers run each plane
+// (or channels_last sample block) from statistics to output while it is in cache.
 #include <torch/library.h>
-
-#include <numeric>
 
 #include "norm_passes.h"
 
@@ -12,24 +11,20 @@ namespace unirep {
 namespace cpu {
 namespace {
 
-// Table rows (one per sample) of channel c: the plane's own moments, the sample domain's affine.
+// Table rows of sample n, channels [c0, c1): the plane's own moments, the sample domain's
+// affine; also each plane's 1 / sqrt(var + eps) when `invstd` is given.
 template <typename acc_t>
-void fill_tables(AffineTables<acc_t>& t, int64_t c, int64_t N, int64_t C, const acc_t* mean, const acc_t* var,
-                 const std::vector<int64_t>& domains, const ParamRows<acc_t>& w, const ParamRows<acc_t>& b,
-                 double eps) {
-  for (int64_t n = 0; n < N; ++n) {
+void fill_tables(AffineTables<acc_t>& t, int64_t n, int64_t c0, int64_t c1, int64_t C, const acc_t* mean,
+                 const acc_t* var, const std::vector<int64_t>& domains, const ParamRows<acc_t>& w,
+                 const ParamRows<acc_t>& b, double eps, acc_t* invstd = nullptr) {
+  for (int64_t c = c0; c < c1; ++c) {
     const int64_t k = n * C + c;
     const acc_t inv = acc_t(1) / std::sqrt(var[k] + static_cast<acc_t>(eps));
+    if (invstd != nullptr) invstd[k] = inv;
     t.center[k] = mean[k];
     t.scale[k] = inv * w.at(domains[n], c);
     t.beta[k] = b.at(domains[n], c);
   }
-}
-
-std::vector<int64_t> identity_rows(int64_t N) {
-  std::vector<int64_t> rows(N);
-  std::iota(rows.begin(), rows.end(), int64_t(0));
-  return rows;
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> forward(const at::Tensor& x_in, const c10::optional<at::Tensor>& domain,
@@ -51,12 +46,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> forward(const at::Tensor& x_in, c
     acc_t* pm = mean.data_ptr<acc_t>();
     acc_t* pv = var.data_ptr<acc_t>();
     AffineTables<acc_t> tables(N, C);
-    const std::vector<int64_t> rows = identity_rows(N);
-    auto plane_tables = [&](int64_t c) {
-      for (int64_t n = 0; n < N; ++n) pv[n * C + c] /= static_cast<acc_t>(S);  // M2 -> biased variance
-      fill_tables<acc_t>(tables, c, N, C, pm, pv, domains, w, b, eps);
+    auto plane_tables = [&](int64_t n, int64_t c0, int64_t c1) {
+      for (int64_t c = c0; c < c1; ++c) pv[n * C + c] /= static_cast<acc_t>(S);  // M2 -> biased variance
+      fill_tables<acc_t>(tables, n, c0, c1, C, pm, pv, domains, w, b, eps);
     };
-    run_forward<scalar_t, acc_t>(v, y, rows.data(), tables, relu, pm, pv, plane_tables);
+    run_instance_forward<scalar_t, acc_t>(v, y, tables, relu, pm, pv, plane_tables);
   });
   return {y, mean, var};
 }
@@ -85,28 +79,42 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward(const at::Tensor& grad_y
     const at::Tensor mean_acc = mean.to(acc).contiguous(), var_acc = var.to(acc).contiguous();
     const acc_t* pv = var_acc.data_ptr<acc_t>();
     AffineTables<acc_t> tables(N, C);
-    for (int64_t c = 0; c < C; ++c) fill_tables<acc_t>(tables, c, N, C, mean_acc.data_ptr<acc_t>(), pv, domains, w, b, eps);
-    const std::vector<int64_t> rows = identity_rows(N);
+    std::vector<acc_t> invstd(N * C);
+    const acc_t* pm = mean_acc.data_ptr<acc_t>();
+    at::parallel_for(0, N, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t n = begin; n < end; ++n) {
+        fill_tables<acc_t>(tables, n, 0, C, C, pm, pv, domains, w, b, eps, invstd.data());
+      }
+    });
     std::vector<acc_t> ps1(N * C), ps2(N * C);
     InputGradTables<acc_t> k(N, C);
-    double* dw = dweight.data_ptr<double>();
-    double* db = dbias.data_ptr<double>();
-    // Channel c: dweight/dbias entries (samples in order) and every plane's dx coefficients.
-    auto coefficients = [&](int64_t c) {
-      for (int64_t n = 0; n < N; ++n) {
+    const acc_t per_value = acc_t(1) / static_cast<acc_t>(S);
+    // Plane (n, c)'s dx coefficients, from its own sums only (in the accumulation type, as
+    // its forward tables: a few flops per plane, which matters for 8x8 planes).
+    auto coefficients = [&](int64_t n, int64_t c0, int64_t c1) {
+      for (int64_t c = c0; c < c1; ++c) {
         const int64_t i = n * C + c;
-        const double inv = 1.0 / std::sqrt(static_cast<double>(pv[i]) + eps);
-        const double wd = w.at(domains[n], c);
-        db[(brows > 1 ? domains[n] : 0) * C + c] += ps1[i];
-        dw[(wrows > 1 ? domains[n] : 0) * C + c] += inv * ps2[i];
-        const double m1 = wd * ps1[i] / S;
-        const double m2 = wd * inv * ps2[i] / S;
-        k.ka[i] = static_cast<acc_t>(inv * wd);
-        k.kx[i] = static_cast<acc_t>(-inv * inv * m2);
-        k.k0[i] = static_cast<acc_t>(-inv * m1);
+        const acc_t inv = invstd[i], wd = w.at(domains[n], c);
+        const acc_t m1 = wd * ps1[i] * per_value;
+        const acc_t m2 = wd * inv * ps2[i] * per_value;
+        k.ka[i] = inv * wd;
+        k.kx[i] = -inv * inv * m2;
+        k.k0[i] = -inv * m1;
       }
     };
-    run_backward<scalar_t, acc_t>(v, dy, dx, rows.data(), tables, k, relu, ps1.data(), ps2.data(), coefficients);
+    run_instance_backward<scalar_t, acc_t>(v, dy, dx, tables, k, relu, ps1.data(), ps2.data(), coefficients);
+    // dweight / dbias of each channel: its planes' sums in sample order.
+    double* dw = dweight.data_ptr<double>();
+    double* db = dbias.data_ptr<double>();
+    at::parallel_for(0, C, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t c = begin; c < end; ++c) {
+        for (int64_t n = 0; n < N; ++n) {
+          const int64_t i = n * C + c;
+          db[(brows > 1 ? domains[n] : 0) * C + c] += ps1[i];
+          dw[(wrows > 1 ? domains[n] : 0) * C + c] += static_cast<double>(invstd[i]) * ps2[i];
+        }
+      }
+    });
   });
   return {dx, param_grad(dweight, weight, acc), param_grad(dbias, bias, acc)};
 }

@@ -10,10 +10,18 @@
 // training forward reads x twice and writes y once; eval reads once and writes once.
 //
 // Every pass works on a "plane view" of x: NCS (contiguous, planes of S values) or NSC
-// (channels_last: per sample an S x C block with channels innermost). NCS runs channel by
-// channel (parallel over channels): reduction, table math and elementwise pass of one
-// channel back to back, so the second pass re-reads the channel's N planes from cache, not
-// from memory. NSC runs each pass over all samples (parallel over samples), then the next.
+// (channels_last: per sample an S x C block with channels innermost). The loops over one
+// plane or one block are the vectorized kernels of pass_kernels.h; this file schedules
+// them. Batch norm (statistics shared across samples) on NCS runs channel by channel
+// (parallel over channels): reduction, table math and elementwise pass of one channel back
+// to back, so the second pass re-reads the channel's N planes from cache, not from memory;
+// on NSC each pass runs over all samples (parallel over samples), then the next. Instance
+// norm (statistics of one plane) runs a few planes at a time (NCS: runs of about
+// kRunValues values within a sample) or sample by sample (NSC), its three steps back to
+// back while those planes (L1) or the sample's block (L2) are in cache. A kernel call covers a run
+// of planes (a channel's N planes, a sample's C planes), not one: small planes (8x8) do
+// not pay a call and table lookups each.
+//
 // Each output element is written by exactly one thread and reductions run in a fixed
 // order, so results are bitwise deterministic whatever the thread count.
 #pragma once
@@ -22,27 +30,54 @@
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <vector>
 
 #include "../norm_common.h"
+#include "pass_kernels.h"
 
 namespace unirep {
 namespace cpu {
 
 // Values handled per parallel task; below this, threads cost more than they save.
 constexpr int64_t kGrainValues = 32768;
+// Outputs of at least this many bytes are written with non-temporal stores when the
+// last-level cache size is unknown (otherwise: its size; see pass_kernels.cpp).
+constexpr int64_t kDefaultStreamBytes = int64_t(32) << 20;
 
-// The fused ReLU, as torch.relu: negatives become 0, NaN stays NaN; its gradient passes
-// where the pre-activation is not <= 0 (torch's threshold_backward rule).
-template <typename acc_t>
-inline acc_t activate(acc_t pre, bool relu) {
-  return relu && pre < 0 ? acc_t(0) : pre;
-}
-template <typename acc_t>
-inline bool relu_blocks(acc_t pre, bool relu) {
-  return relu && pre <= 0;
+// The pass kernels of the instruction set chosen for this process (pass_kernels.cpp).
+const PassKernelSet& pass_kernel_set();
+// Whether an output of this size is written with non-temporal stores: one that fills the
+// last-level cache would not stay there for its reader anyway, and bypassing the cache
+// saves reading each line before it is written. Environment override
+// UNIREP_CPU_STREAM_STORES=always|never|auto (auto: this size rule).
+bool stream_stores(int64_t output_bytes);
+
+template <typename scalar_t>
+struct KernelsOf;
+template <>
+struct KernelsOf<float> {
+  static const PassKernels<float>& get() { return pass_kernel_set().f32; }
+};
+template <>
+struct KernelsOf<double> {
+  static const PassKernels<double>& get() { return pass_kernel_set().f64; }
+};
+template <>
+struct KernelsOf<c10::Half> {
+  static const PassKernels<float>& get() { return pass_kernel_set().f16; }
+};
+template <>
+struct KernelsOf<c10::BFloat16> {
+  static const PassKernels<float>& get() { return pass_kernel_set().bf16; }
+};
+
+// The kernels that read and write scalar_t (accumulating in its op-math type).
+template <typename scalar_t>
+const PassKernels<at::opmath_type<scalar_t>>& pass_kernels() {
+  return KernelsOf<scalar_t>::get();
 }
 
 // Per-row tables, (rows, C) row-major in acc_t: y = act((x - center) * scale + beta).
@@ -59,271 +94,135 @@ struct InputGradTables {
   InputGradTables(int64_t rows, int64_t C) : ka(rows * C), kx(rows * C), k0(rows * C) {}
 };
 
-// ---- The pass bodies over one NCS plane (S contiguous values of one sample and channel).
-// `omp simd reduction` lets the compiler split sums over vector lanes in a fixed order for
-// a given build (deterministic).
-
-// Forward reduction: mean and M2 of one plane; two passes (the second hits cache), the
-// first shifted by the plane's first value so a large common offset costs no precision.
-template <typename scalar_t, typename acc_t>
-inline void plane_moments(const scalar_t* x, int64_t S, acc_t& mean_out, acc_t& m2_out) {
-  const acc_t shift = static_cast<acc_t>(x[0]);
-  acc_t sum = 0;
-#pragma omp simd reduction(+ : sum)
-  for (int64_t s = 0; s < S; ++s) sum += static_cast<acc_t>(x[s]) - shift;
-  const acc_t mean = shift + sum / S;
-  acc_t m2 = 0;
-#pragma omp simd reduction(+ : m2)
-  for (int64_t s = 0; s < S; ++s) {
-    const acc_t d = static_cast<acc_t>(x[s]) - mean;
-    m2 += d * d;
-  }
-  mean_out = mean;
-  m2_out = m2;
+// Samples per parallel task of the NSC passes.
+inline int64_t sample_grain(const PlaneView& v) {
+  return std::max<int64_t>(1, kGrainValues / std::max<int64_t>(v.S * v.C, 1));
 }
 
-// Forward elementwise: y = act((x - m) * a + b) over one plane.
-template <typename scalar_t, typename acc_t>
-inline void plane_affine(const scalar_t* x, scalar_t* y, int64_t S, acc_t m, acc_t a, acc_t b, bool relu) {
-  if (relu) {
-    for (int64_t s = 0; s < S; ++s) y[s] = static_cast<scalar_t>(activate((static_cast<acc_t>(x[s]) - m) * a + b, true));
-  } else {
-    for (int64_t s = 0; s < S; ++s) y[s] = static_cast<scalar_t>((static_cast<acc_t>(x[s]) - m) * a + b);
+// Planes per parallel task of the plane-by-plane NCS passes.
+inline int64_t plane_grain(const PlaneView& v) {
+  return std::max<int64_t>(1, kGrainValues / std::max<int64_t>(v.S, 1));
+}
+
+// Values of x (and dy) an instance-norm run covers before its second pass reads them again:
+// small enough that the second pass reads from L1 (16 KiB of float32 each).
+constexpr int64_t kRunValues = 4096;
+
+// Planes per run of the instance-norm passes (at least one).
+inline int64_t run_planes(const PlaneView& v) {
+  return std::max<int64_t>(1, kRunValues / std::max<int64_t>(v.S, 1));
+}
+
+// Calls f(n, c0, c1) for runs of the planes [begin, end) (plane p = n * C + c) that stay
+// within one sample and hold at most `chunk` planes: one kernel call per run.
+template <typename F>
+inline void for_plane_runs(int64_t begin, int64_t end, int64_t C, int64_t chunk, const F& f) {
+  for (int64_t p = begin; p < end;) {
+    const int64_t n = p / C, c0 = p % C;
+    const int64_t c1 = std::min({C, c0 + chunk, c0 + (end - p)});
+    f(n, c0, c1);
+    p += c1 - c0;
   }
 }
 
-// Backward reduction: sums of g and g * (x - m) over one plane, g = dy masked by the ReLU
-// recomputed from the forward tables (no saved output needed).
-template <typename scalar_t, typename acc_t>
-inline void plane_grad_sums(const scalar_t* x, const scalar_t* dy, int64_t S, acc_t m, acc_t a, acc_t b, bool relu,
-                            acc_t& s1_out, acc_t& s2_out) {
-  acc_t s1 = 0, s2 = 0;
-#pragma omp simd reduction(+ : s1, s2)
-  for (int64_t s = 0; s < S; ++s) {
-    const acc_t xc = static_cast<acc_t>(x[s]) - m;
-    acc_t gv = static_cast<acc_t>(dy[s]);
-    if (relu_blocks(xc * a + b, relu)) gv = 0;
-    s1 += gv;
-    s2 += gv * xc;
+// One channel's tables, gathered in sample order (row rows[n] of each), for the plane
+// kernels of a channel's N planes.
+template <typename acc_t>
+struct ChannelRows {
+  std::vector<acc_t> v[6];
+  explicit ChannelRows(int64_t N) {
+    for (auto& a : v) a.resize(N);
   }
-  s1_out = s1;
-  s2_out = s2;
-}
-
-// Backward elementwise: dx = ka g + kx (x - m) + k0 over one plane.
-template <typename scalar_t, typename acc_t>
-inline void plane_input_grad(const scalar_t* x, const scalar_t* dy, scalar_t* dx, int64_t S, acc_t m, acc_t a,
-                             acc_t b, acc_t ka, acc_t kx, acc_t k0, bool relu) {
-  for (int64_t s = 0; s < S; ++s) {
-    const acc_t xc = static_cast<acc_t>(x[s]) - m;
-    acc_t gv = static_cast<acc_t>(dy[s]);
-    if (relu_blocks(xc * a + b, relu)) gv = 0;
-    dx[s] = static_cast<scalar_t>(ka * gv + kx * xc + k0);
+  void gather(int which, const std::vector<acc_t>& table, const int64_t* rows, int64_t N, int64_t C, int64_t c) {
+    for (int64_t n = 0; n < N; ++n) v[which][n] = table[rows[n] * C + c];
   }
-}
+  const acc_t* operator[](int which) const { return v[which].data(); }
+};
 
-// ---- NCS (contiguous) drivers: one channel at a time, all samples. An op runs its
-// reduction, its table math and its elementwise pass for a channel back to back, so the
-// elementwise pass re-reads the channel's N planes from cache, not from memory.
+// ---- Elementwise passes over all samples.
 
+// NSC: y of every sample block with the tables of its row.
 template <typename scalar_t, typename acc_t>
-void channel_moments(const PlaneView& v, int64_t c, acc_t* pmean, acc_t* pm2) {
-  const scalar_t* x = v.x.data_ptr<scalar_t>();
-  for (int64_t n = 0; n < v.N; ++n) {
-    const int64_t p = n * v.C + c;
-    plane_moments<scalar_t, acc_t>(x + p * v.S, v.S, pmean[p], pm2[p]);
-  }
-}
-
-template <typename scalar_t, typename acc_t>
-void channel_affine(const PlaneView& v, at::Tensor& y, int64_t c, const int64_t* rows, const AffineTables<acc_t>& t,
-                    bool relu) {
-  const scalar_t* x = v.x.data_ptr<scalar_t>();
-  scalar_t* out = y.data_ptr<scalar_t>();
-  for (int64_t n = 0; n < v.N; ++n) {
-    const int64_t p = n * v.C + c, k = rows[n] * v.C + c;
-    plane_affine<scalar_t, acc_t>(x + p * v.S, out + p * v.S, v.S, t.center[k], t.scale[k], t.beta[k], relu);
-  }
-}
-
-template <typename scalar_t, typename acc_t>
-void channel_grad_sums(const PlaneView& v, const at::Tensor& dy, int64_t c, const int64_t* rows,
-                       const AffineTables<acc_t>& t, bool relu, acc_t* ps1, acc_t* ps2) {
-  const scalar_t* x = v.x.data_ptr<scalar_t>();
-  const scalar_t* g = dy.data_ptr<scalar_t>();
-  for (int64_t n = 0; n < v.N; ++n) {
-    const int64_t p = n * v.C + c, k = rows[n] * v.C + c;
-    plane_grad_sums<scalar_t, acc_t>(x + p * v.S, g + p * v.S, v.S, t.center[k], t.scale[k], t.beta[k], relu, ps1[p],
-                                     ps2[p]);
-  }
-}
-
-template <typename scalar_t, typename acc_t>
-void channel_input_grad(const PlaneView& v, const at::Tensor& dy, at::Tensor& dx, int64_t c, const int64_t* rows,
-                        const AffineTables<acc_t>& t, const InputGradTables<acc_t>& k, bool relu) {
-  const scalar_t* x = v.x.data_ptr<scalar_t>();
-  const scalar_t* g = dy.data_ptr<scalar_t>();
-  scalar_t* out = dx.data_ptr<scalar_t>();
-  for (int64_t n = 0; n < v.N; ++n) {
-    const int64_t p = n * v.C + c, r = rows[n] * v.C + c;
-    plane_input_grad<scalar_t, acc_t>(x + p * v.S, g + p * v.S, out + p * v.S, v.S, t.center[r], t.scale[r],
-                                      t.beta[r], k.ka[r], k.kx[r], k.k0[r], relu);
-  }
-}
-
-// ---- NSC (channels_last) drivers: parallel over samples, channels innermost (vectorized).
-
-template <typename scalar_t, typename acc_t>
-void nsc_moments(const PlaneView& v, acc_t* pmean, acc_t* pm2) {
-  const scalar_t* x = v.x.data_ptr<scalar_t>();
-  const int64_t C = v.C, S = v.S;
-  const int64_t grain = std::max<int64_t>(1, kGrainValues / std::max<int64_t>(S * C, 1));
-  at::parallel_for(0, v.N, grain, [&](int64_t begin, int64_t end) {
-    std::vector<acc_t> shift(C), sum(C);
-    for (int64_t n = begin; n < end; ++n) {
-      const scalar_t* block = x + n * S * C;
-      acc_t* mean = pmean + n * C;
-      acc_t* m2 = pm2 + n * C;
-      for (int64_t c = 0; c < C; ++c) {
-        shift[c] = static_cast<acc_t>(block[c]);
-        sum[c] = 0;
-        m2[c] = 0;
-      }
-      for (int64_t s = 0; s < S; ++s) {
-        const scalar_t* row = block + s * C;
-        for (int64_t c = 0; c < C; ++c) sum[c] += static_cast<acc_t>(row[c]) - shift[c];
-      }
-      for (int64_t c = 0; c < C; ++c) mean[c] = shift[c] + sum[c] / S;
-      for (int64_t s = 0; s < S; ++s) {
-        const scalar_t* row = block + s * C;
-        for (int64_t c = 0; c < C; ++c) {
-          const acc_t d = static_cast<acc_t>(row[c]) - mean[c];
-          m2[c] += d * d;
-        }
-      }
-    }
-  });
-}
-
-template <typename scalar_t, typename acc_t>
-void nsc_affine(const PlaneView& v, at::Tensor& y, const int64_t* rows, const AffineTables<acc_t>& t, bool relu) {
+void nsc_affine(const PlaneView& v, at::Tensor& y, const int64_t* rows, const AffineTables<acc_t>& t, bool relu,
+                bool stream) {
+  const PassKernels<acc_t>& K = pass_kernels<scalar_t>();
   const scalar_t* x = v.x.data_ptr<scalar_t>();
   scalar_t* out = y.data_ptr<scalar_t>();
   const int64_t C = v.C, S = v.S;
-  const int64_t grain = std::max<int64_t>(1, kGrainValues / std::max<int64_t>(S * C, 1));
-  at::parallel_for(0, v.N, grain, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, v.N, sample_grain(v), [&](int64_t begin, int64_t end) {
+    std::vector<acc_t> scratch(block_scratch_size(C));
     for (int64_t n = begin; n < end; ++n) {
-      const acc_t* m = t.center.data() + rows[n] * C;
-      const acc_t* a = t.scale.data() + rows[n] * C;
-      const acc_t* b = t.beta.data() + rows[n] * C;
-      for (int64_t s = 0; s < S; ++s) {
-        const scalar_t* in = x + (n * S + s) * C;
-        scalar_t* o = out + (n * S + s) * C;
-        for (int64_t c = 0; c < C; ++c) {
-          o[c] = static_cast<scalar_t>(activate((static_cast<acc_t>(in[c]) - m[c]) * a[c] + b[c], relu));
-        }
-      }
+      const int64_t r = rows[n] * C;
+      K.block_affine(x + n * S * C, out + n * S * C, S, C, t.center.data() + r, t.scale.data() + r,
+                     t.beta.data() + r, relu, stream, scratch.data());
     }
+    if (stream) K.fence();
   });
-}
-
-template <typename scalar_t, typename acc_t>
-void nsc_grad_sums(const PlaneView& v, const at::Tensor& dy, const int64_t* rows, const AffineTables<acc_t>& t,
-                   bool relu, acc_t* ps1, acc_t* ps2) {
-  const scalar_t* x = v.x.data_ptr<scalar_t>();
-  const scalar_t* g = dy.data_ptr<scalar_t>();
-  const int64_t C = v.C, S = v.S;
-  const int64_t grain = std::max<int64_t>(1, kGrainValues / std::max<int64_t>(S * C, 1));
-  at::parallel_for(0, v.N, grain, [&](int64_t begin, int64_t end) {
-    for (int64_t n = begin; n < end; ++n) {
-      const acc_t* m = t.center.data() + rows[n] * C;
-      const acc_t* a = t.scale.data() + rows[n] * C;
-      const acc_t* b = t.beta.data() + rows[n] * C;
-      acc_t* s1 = ps1 + n * C;
-      acc_t* s2 = ps2 + n * C;
-      for (int64_t c = 0; c < C; ++c) s1[c] = s2[c] = 0;
-      for (int64_t s = 0; s < S; ++s) {
-        const scalar_t* in = x + (n * S + s) * C;
-        const scalar_t* gp = g + (n * S + s) * C;
-        for (int64_t c = 0; c < C; ++c) {
-          const acc_t xc = static_cast<acc_t>(in[c]) - m[c];
-          acc_t gv = static_cast<acc_t>(gp[c]);
-          if (relu_blocks(xc * a[c] + b[c], relu)) gv = 0;
-          s1[c] += gv;
-          s2[c] += gv * xc;
-        }
-      }
-    }
-  });
-}
-
-template <typename scalar_t, typename acc_t>
-void nsc_input_grad(const PlaneView& v, const at::Tensor& dy, at::Tensor& dx, const int64_t* rows,
-                    const AffineTables<acc_t>& t, const InputGradTables<acc_t>& k, bool relu) {
-  const scalar_t* x = v.x.data_ptr<scalar_t>();
-  const scalar_t* g = dy.data_ptr<scalar_t>();
-  scalar_t* out = dx.data_ptr<scalar_t>();
-  const int64_t C = v.C, S = v.S;
-  const int64_t grain = std::max<int64_t>(1, kGrainValues / std::max<int64_t>(S * C, 1));
-  at::parallel_for(0, v.N, grain, [&](int64_t begin, int64_t end) {
-    for (int64_t n = begin; n < end; ++n) {
-      const int64_t base = rows[n] * C;
-      for (int64_t s = 0; s < S; ++s) {
-        const scalar_t* in = x + (n * S + s) * C;
-        const scalar_t* gp = g + (n * S + s) * C;
-        scalar_t* o = out + (n * S + s) * C;
-        for (int64_t c = 0; c < C; ++c) {
-          const acc_t xc = static_cast<acc_t>(in[c]) - t.center[base + c];
-          acc_t gv = static_cast<acc_t>(gp[c]);
-          if (relu_blocks(xc * t.scale[base + c] + t.beta[base + c], relu)) gv = 0;
-          o[c] = static_cast<scalar_t>(k.ka[base + c] * gv + k.kx[base + c] * xc + k.k0[base + c]);
-        }
-      }
-    }
-  });
-}
-
-// ---- An op = reduction, per-channel table math, elementwise pass. These two drivers run
-// the three in the order that suits the layout; `tables(c)` must only touch channel c.
-
-// Forward: moments(all planes) -> tables(c) -> y.
-template <typename scalar_t, typename acc_t, typename Tables>
-void run_forward(const PlaneView& v, at::Tensor& y, const int64_t* rows, AffineTables<acc_t>& t, bool relu,
-                 acc_t* pmean, acc_t* pm2, const Tables& tables) {
-  if (!v.channels_last) {
-    at::parallel_for(0, v.C, 1, [&](int64_t begin, int64_t end) {
-      for (int64_t c = begin; c < end; ++c) {
-        channel_moments<scalar_t, acc_t>(v, c, pmean, pm2);
-        tables(c);
-        channel_affine<scalar_t, acc_t>(v, y, c, rows, t, relu);
-      }
-    });
-    return;
-  }
-  nsc_moments<scalar_t, acc_t>(v, pmean, pm2);
-  at::parallel_for(0, v.C, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t c = begin; c < end; ++c) tables(c);
-  });
-  nsc_affine<scalar_t, acc_t>(v, y, rows, t, relu);
 }
 
 // Forward without a reduction (normalization by given moments): one elementwise pass.
 template <typename scalar_t, typename acc_t>
 void run_affine(const PlaneView& v, at::Tensor& y, const int64_t* rows, const AffineTables<acc_t>& t, bool relu) {
+  const bool stream = stream_stores(y.nbytes());
   if (v.channels_last) {
-    nsc_affine<scalar_t, acc_t>(v, y, rows, t, relu);
+    nsc_affine<scalar_t, acc_t>(v, y, rows, t, relu, stream);
     return;
   }
   // Nothing to reuse from cache here: walk the planes in memory order.
+  const PassKernels<acc_t>& K = pass_kernels<scalar_t>();
   const scalar_t* x = v.x.data_ptr<scalar_t>();
   scalar_t* out = y.data_ptr<scalar_t>();
-  const int64_t grain = std::max<int64_t>(1, kGrainValues / std::max<int64_t>(v.S, 1));
-  at::parallel_for(0, v.N * v.C, grain, [&](int64_t begin, int64_t end) {
-    for (int64_t p = begin; p < end; ++p) {
-      const int64_t k = rows[p / v.C] * v.C + p % v.C;
-      plane_affine<scalar_t, acc_t>(x + p * v.S, out + p * v.S, v.S, t.center[k], t.scale[k], t.beta[k], relu);
+  const int64_t C = v.C, S = v.S;
+  at::parallel_for(0, v.N * C, plane_grain(v), [&](int64_t begin, int64_t end) {
+    for_plane_runs(begin, end, C, C, [&](int64_t n, int64_t c0, int64_t c1) {
+      const int64_t p = n * C + c0, k = rows[n] * C + c0;
+      K.plane_affine(x + p * S, out + p * S, c1 - c0, S, S, &t.center[k], &t.scale[k], &t.beta[k], relu, stream);
+    });
+    if (stream) K.fence();
+  });
+}
+
+// ---- Batch norm: statistics shared by the samples of a group. `tables(c)` /
+// `coefs(c)` merge channel c's per-plane results and must only touch channel c.
+
+// Forward: moments(all planes) -> tables(c) -> y.
+template <typename scalar_t, typename acc_t, typename Tables>
+void run_forward(const PlaneView& v, at::Tensor& y, const int64_t* rows, AffineTables<acc_t>& t, bool relu,
+                 acc_t* pmean, acc_t* pm2, const Tables& tables) {
+  const PassKernels<acc_t>& K = pass_kernels<scalar_t>();
+  const scalar_t* x = v.x.data_ptr<scalar_t>();
+  const int64_t N = v.N, C = v.C, S = v.S;
+  const bool stream = stream_stores(y.nbytes());
+  if (!v.channels_last) {
+    scalar_t* out = y.data_ptr<scalar_t>();
+    at::parallel_for(0, C, 1, [&](int64_t begin, int64_t end) {
+      ChannelRows<acc_t> r(N);  // 0, 1: the channel's plane moments; 2, 3, 4: its tables
+      for (int64_t c = begin; c < end; ++c) {
+        K.plane_moments(x + c * S, N, C * S, S, r.v[0].data(), r.v[1].data());
+        for (int64_t n = 0; n < N; ++n) {
+          pmean[n * C + c] = r.v[0][n];
+          pm2[n * C + c] = r.v[1][n];
+        }
+        tables(c);
+        r.gather(2, t.center, rows, N, C, c);
+        r.gather(3, t.scale, rows, N, C, c);
+        r.gather(4, t.beta, rows, N, C, c);
+        K.plane_affine(x + c * S, out + c * S, N, C * S, S, r[2], r[3], r[4], relu, stream);
+      }
+      if (stream) K.fence();
+    });
+    return;
+  }
+  at::parallel_for(0, N, sample_grain(v), [&](int64_t begin, int64_t end) {
+    std::vector<acc_t> scratch(block_scratch_size(C));
+    for (int64_t n = begin; n < end; ++n) {
+      K.block_moments(x + n * S * C, S, C, pmean + n * C, pm2 + n * C, scratch.data());
     }
   });
+  at::parallel_for(0, C, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t c = begin; c < end; ++c) tables(c);
+  });
+  nsc_affine<scalar_t, acc_t>(v, y, rows, t, relu, stream);
 }
 
 // Backward: sums(all planes) -> coefficients(c) -> dx.
@@ -331,21 +230,130 @@ template <typename scalar_t, typename acc_t, typename Coefs>
 void run_backward(const PlaneView& v, const at::Tensor& dy, at::Tensor& dx, const int64_t* rows,
                   const AffineTables<acc_t>& t, InputGradTables<acc_t>& k, bool relu, acc_t* ps1, acc_t* ps2,
                   const Coefs& coefs) {
+  const PassKernels<acc_t>& K = pass_kernels<scalar_t>();
+  const scalar_t* x = v.x.data_ptr<scalar_t>();
+  const scalar_t* g = dy.data_ptr<scalar_t>();
+  scalar_t* out = dx.data_ptr<scalar_t>();
+  const int64_t N = v.N, C = v.C, S = v.S;
+  const bool stream = stream_stores(dx.nbytes());
   if (!v.channels_last) {
-    at::parallel_for(0, v.C, 1, [&](int64_t begin, int64_t end) {
+    at::parallel_for(0, C, 1, [&](int64_t begin, int64_t end) {
+      ChannelRows<acc_t> r(N);  // 0, 1, 2: the channel's forward tables; 3, 4, 5: its dx coefficients
+      std::vector<acc_t> s1(N), s2(N);
       for (int64_t c = begin; c < end; ++c) {
-        channel_grad_sums<scalar_t, acc_t>(v, dy, c, rows, t, relu, ps1, ps2);
+        r.gather(0, t.center, rows, N, C, c);
+        r.gather(1, t.scale, rows, N, C, c);
+        r.gather(2, t.beta, rows, N, C, c);
+        K.plane_grad_sums(x + c * S, g + c * S, N, C * S, S, r[0], r[1], r[2], relu, s1.data(), s2.data());
+        for (int64_t n = 0; n < N; ++n) {
+          ps1[n * C + c] = s1[n];
+          ps2[n * C + c] = s2[n];
+        }
         coefs(c);
-        channel_input_grad<scalar_t, acc_t>(v, dy, dx, c, rows, t, k, relu);
+        r.gather(3, k.ka, rows, N, C, c);
+        r.gather(4, k.kx, rows, N, C, c);
+        r.gather(5, k.k0, rows, N, C, c);
+        K.plane_input_grad(x + c * S, g + c * S, out + c * S, N, C * S, S, r[0], r[1], r[2], r[3], r[4], r[5], relu,
+                           stream);
       }
+      if (stream) K.fence();
     });
     return;
   }
-  nsc_grad_sums<scalar_t, acc_t>(v, dy, rows, t, relu, ps1, ps2);
-  at::parallel_for(0, v.C, 1, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, N, sample_grain(v), [&](int64_t begin, int64_t end) {
+    std::vector<acc_t> scratch(block_scratch_size(C));
+    for (int64_t n = begin; n < end; ++n) {
+      const int64_t r = rows[n] * C;
+      K.block_grad_sums(x + n * S * C, g + n * S * C, S, C, t.center.data() + r, t.scale.data() + r,
+                        t.beta.data() + r, relu, ps1 + n * C, ps2 + n * C, scratch.data());
+    }
+  });
+  at::parallel_for(0, C, 1, [&](int64_t begin, int64_t end) {
     for (int64_t c = begin; c < end; ++c) coefs(c);
   });
-  nsc_input_grad<scalar_t, acc_t>(v, dy, dx, rows, t, k, relu);
+  at::parallel_for(0, N, sample_grain(v), [&](int64_t begin, int64_t end) {
+    std::vector<acc_t> scratch(block_scratch_size(C));
+    for (int64_t n = begin; n < end; ++n) {
+      const int64_t r = rows[n] * C;
+      K.block_input_grad(x + n * S * C, g + n * S * C, out + n * S * C, S, C, t.center.data() + r,
+                         t.scale.data() + r, t.beta.data() + r, k.ka.data() + r, k.kx.data() + r, k.k0.data() + r,
+                         relu, stream, scratch.data());
+    }
+    if (stream) K.fence();
+  });
+}
+
+// ---- Instance norm: the tables of sample n depend on sample n alone (table row = n).
+// `tables(n, c0, c1)` / `coefs(n, c0, c1)` fill row n for channels [c0, c1).
+
+template <typename scalar_t, typename acc_t, typename Tables>
+void run_instance_forward(const PlaneView& v, at::Tensor& y, const AffineTables<acc_t>& t, bool relu, acc_t* pmean,
+                          acc_t* pm2, const Tables& tables) {
+  const PassKernels<acc_t>& K = pass_kernels<scalar_t>();
+  const scalar_t* x = v.x.data_ptr<scalar_t>();
+  scalar_t* out = y.data_ptr<scalar_t>();
+  const int64_t C = v.C, S = v.S;
+  const bool stream = stream_stores(y.nbytes());
+  if (!v.channels_last) {
+    at::parallel_for(0, v.N * C, plane_grain(v), [&](int64_t begin, int64_t end) {
+      for_plane_runs(begin, end, C, run_planes(v), [&](int64_t n, int64_t c0, int64_t c1) {
+        const int64_t p = n * C + c0;
+        K.plane_moments(x + p * S, c1 - c0, S, S, pmean + p, pm2 + p);
+        tables(n, c0, c1);
+        K.plane_affine(x + p * S, out + p * S, c1 - c0, S, S, &t.center[p], &t.scale[p], &t.beta[p], relu, stream);
+      });
+      if (stream) K.fence();
+    });
+    return;
+  }
+  at::parallel_for(0, v.N, sample_grain(v), [&](int64_t begin, int64_t end) {
+    std::vector<acc_t> scratch(block_scratch_size(C));
+    for (int64_t n = begin; n < end; ++n) {
+      K.block_moments(x + n * S * C, S, C, pmean + n * C, pm2 + n * C, scratch.data());
+      tables(n, int64_t(0), C);
+      K.block_affine(x + n * S * C, out + n * S * C, S, C, t.center.data() + n * C, t.scale.data() + n * C,
+                     t.beta.data() + n * C, relu, stream, scratch.data());
+    }
+    if (stream) K.fence();
+  });
+}
+
+template <typename scalar_t, typename acc_t, typename Coefs>
+void run_instance_backward(const PlaneView& v, const at::Tensor& dy, at::Tensor& dx, const AffineTables<acc_t>& t,
+                           const InputGradTables<acc_t>& k, bool relu, acc_t* ps1, acc_t* ps2, const Coefs& coefs) {
+  const PassKernels<acc_t>& K = pass_kernels<scalar_t>();
+  const scalar_t* x = v.x.data_ptr<scalar_t>();
+  const scalar_t* g = dy.data_ptr<scalar_t>();
+  scalar_t* out = dx.data_ptr<scalar_t>();
+  const int64_t C = v.C, S = v.S;
+  const bool stream = stream_stores(dx.nbytes());
+  if (!v.channels_last) {
+    at::parallel_for(0, v.N * C, plane_grain(v), [&](int64_t begin, int64_t end) {
+      for_plane_runs(begin, end, C, run_planes(v), [&](int64_t n, int64_t c0, int64_t c1) {
+        const int64_t p = n * C + c0;
+        K.plane_grad_sums(x + p * S, g + p * S, c1 - c0, S, S, &t.center[p], &t.scale[p], &t.beta[p], relu, ps1 + p,
+                          ps2 + p);
+        coefs(n, c0, c1);
+        K.plane_input_grad(x + p * S, g + p * S, out + p * S, c1 - c0, S, S, &t.center[p], &t.scale[p], &t.beta[p],
+                           &k.ka[p], &k.kx[p], &k.k0[p], relu, stream);
+      });
+      if (stream) K.fence();
+    });
+    return;
+  }
+  at::parallel_for(0, v.N, sample_grain(v), [&](int64_t begin, int64_t end) {
+    std::vector<acc_t> scratch(block_scratch_size(C));
+    for (int64_t n = begin; n < end; ++n) {
+      const int64_t r = n * C;
+      K.block_grad_sums(x + r * S, g + r * S, S, C, t.center.data() + r, t.scale.data() + r, t.beta.data() + r, relu,
+                        ps1 + r, ps2 + r, scratch.data());
+      coefs(n, int64_t(0), C);
+      K.block_input_grad(x + r * S, g + r * S, out + r * S, S, C, t.center.data() + r, t.scale.data() + r,
+                         t.beta.data() + r, k.ka.data() + r, k.kx.data() + r, k.k0.data() + r, relu, stream,
+                         scratch.data());
+    }
+    if (stream) K.fence();
+  });
 }
 
 // Reads an optional (R, C) or (C,) parameter as acc_t values; row(r) gives row r, or the
