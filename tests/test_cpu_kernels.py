@@ -10,8 +10,8 @@ import sys
 import pytest
 import torch
 
-from conftest import (CPU_BACKENDS, assert_low_precision, clone_stats, make_case, results_with_grads, run_bn,
-                      run_in)
+from conftest import (CPU_BACKENDS, assert_low_precision, cast_params, clone_stats, make_case, results_with_grads,
+                      run_bn, run_in)
 import cpu_kernel_outputs
 
 pytestmark = pytest.mark.skipif(not CPU_BACKENDS, reason="the C++ CPU kernels are not built")
@@ -132,3 +132,30 @@ def test_results_do_not_depend_on_thread_count(op, channels_last, dtype):
     for key in outs[0]:
         assert torch.equal(outs[0][key], outs[1][key]), f"{key} differs between 1 and 2 threads"
 
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("batch", ["pure", "sorted", "mixed"])
+def test_batch_norm_backward_over_runs_of_one_domain(batch, dtype):
+    """The NCHW backward sums each run of consecutive samples of one domain in one set of
+    vector registers, cut into pieces of kSumValues values (norm_passes.h). 7x7 planes (a
+    partial last vector), 200 samples: a run of one domain spans three pieces, and runs of
+    a sorted or shuffled mixed batch start and end anywhere. Every gradient matches
+    reference.py in float64."""
+    case = make_case(n=200, c=3, spatial=(7, 7), num_domains=3, mixed=batch != "pure", stats="domain", seed=11)
+    if batch == "sorted":
+        order = torch.argsort(case["domain"], stable=True)
+        case = dict(case, x=case["x"][order].contiguous(), domain=case["domain"][order])
+    g = torch.randn(case["x"].shape, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+    kw = dict(use_batch_stats=True, relu=True)
+    exact = results_with_grads(run_bn, case, "reference", g, **kw)
+    low_case = cast_params(dict(case, x=case["x"].to(dtype)), torch.float32)
+    got = results_with_grads(run_bn, low_case, "cpp", g.to(dtype), **kw)
+    if dtype == torch.float32:
+        for key, want in exact.items():
+            err = (got[key].double() - want).abs().max().item()
+            assert err <= 1e-4 * max(1.0, want.abs().max().item()), f"{key}: max abs err {err:.3g}"
+    else:
+        low = results_with_grads(run_bn, low_case, "reference", g.to(dtype), **kw)
+        for key, want in exact.items():
+            assert_low_precision(got[key], low[key], want, dtype, key)

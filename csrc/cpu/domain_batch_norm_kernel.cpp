@@ -134,26 +134,23 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward(
     const at::Tensor count_d = count.to(at::kDouble).contiguous();
     const double* cnt = count_d.data_ptr<double>();
     const int64_t G = per_domain_moments ? D : 1;
-    std::vector<acc_t> ps1(N * C), ps2(N * C);
+    std::vector<double> row_s1(D * C, 0.0), row_s2(D * C, 0.0);
     InputGradTables<acc_t> k(D, C);
     double* dw = dweight.data_ptr<double>();
     double* db = dbias.data_ptr<double>();
-    // Channel c's sums per domain (in sample order), its dweight/dbias entries, and the dx
-    // coefficients of every domain row: dx = invstd * (w g - mean_g(w g) - xhat mean_g(w g xhat)).
+    // Channel c's dweight/dbias entries from its sums per domain, and the dx coefficients of
+    // every domain row: dx = invstd * (w g - mean_g(w g) - xhat mean_g(w g xhat)).
     auto coefficients = [&](int64_t c) {
-      std::vector<double> s1(D, 0.0), s2(D, 0.0), t1(G, 0.0), t2(G, 0.0), ng(G, 0.0);
-      for (int64_t n = 0; n < N; ++n) {
-        s1[rows[n]] += ps1[n * C + c];
-        s2[rows[n]] += ps2[n * C + c];
-      }
+      std::vector<double> t1(G, 0.0), t2(G, 0.0), ng(G, 0.0);
       for (int64_t d = 0; d < D; ++d) {
+        const double s1 = row_s1[d * C + c], s2 = row_s2[d * C + c];
         const int64_t g = per_domain_moments ? d : 0;
         const double inv = 1.0 / std::sqrt(static_cast<double>(gvar[g * C + c]) + eps);
         const double wd = w.at(d, c);
-        db[(brows > 1 ? d : 0) * C + c] += s1[d];
-        dw[(wrows > 1 ? d : 0) * C + c] += inv * s2[d];
-        t1[g] += wd * s1[d];
-        t2[g] += wd * inv * s2[d];
+        db[(brows > 1 ? d : 0) * C + c] += s1;
+        dw[(wrows > 1 ? d : 0) * C + c] += inv * s2;
+        t1[g] += wd * s1;
+        t2[g] += wd * inv * s2;
         ng[g] += cnt[d];
       }
       for (int64_t d = 0; d < D; ++d) {
@@ -166,7 +163,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward(
         k.k0[d * C + c] = static_cast<acc_t>(-inv * m1);
       }
     };
-    run_backward<scalar_t, acc_t>(v, dy, dx, rows.data(), tables, k, relu, ps1.data(), ps2.data(), coefficients);
+    run_backward<scalar_t, acc_t>(v, dy, dx, rows.data(), tables, k, relu, row_s1.data(), row_s2.data(),
+                                  coefficients);
   });
   return {dx, param_grad(dweight, weight, acc), param_grad(dbias, bias, acc)};
 }

@@ -20,7 +20,10 @@
 // kRunValues values within a sample) or sample by sample (NSC), its three steps back to
 // back while those planes (L1) or the sample's block (L2) are in cache. A kernel call covers a run
 // of planes (a channel's N planes, a sample's C planes), not one: small planes (8x8) do
-// not pay a call and table lookups each.
+// not pay a call and table lookups each. The batch-norm backward goes further where the
+// batch comes in runs of one domain (a pure batch): a run's planes share one set of
+// tables, so their sums are accumulated in one set of vector registers and folded to
+// scalars once per kSumValues values, not once per plane.
 //
 // Each output element is written by exactly one thread and reductions run in a fixed
 // order, so results are bitwise deterministic whatever the thread count.
@@ -225,11 +228,21 @@ void run_forward(const PlaneView& v, at::Tensor& y, const int64_t* rows, AffineT
   nsc_affine<scalar_t, acc_t>(v, y, rows, t, relu, stream);
 }
 
-// Backward: sums(all planes) -> coefficients(c) -> dx.
+// Values summed in float vectors before the sums are folded and added in double: a run
+// of one domain's planes is cut into pieces of at most this many values (planes of more
+// are summed one by one), which bounds the float rounding error whatever the batch size.
+constexpr int64_t kSumValues = 4096;
+// The backward walks a batch by runs of one domain when its runs average at least this many
+// samples; shorter runs cost a kernel call each, more than the per-plane table gathers.
+constexpr int64_t kMinRunPlanes = 4;
+
+// Backward: sums(all planes) -> coefficients(c) -> dx. The sums of channel c are gathered per
+// table row (domain) in double, in sample order: row_s1[r * C + c] = sum g and row_s2 =
+// sum g (x - center) over the samples of row r (zeroed by the caller).
 template <typename scalar_t, typename acc_t, typename Coefs>
 void run_backward(const PlaneView& v, const at::Tensor& dy, at::Tensor& dx, const int64_t* rows,
-                  const AffineTables<acc_t>& t, InputGradTables<acc_t>& k, bool relu, acc_t* ps1, acc_t* ps2,
-                  const Coefs& coefs) {
+                  const AffineTables<acc_t>& t, InputGradTables<acc_t>& k, bool relu, double* row_s1,
+                  double* row_s2, const Coefs& coefs) {
   const PassKernels<acc_t>& K = pass_kernels<scalar_t>();
   const scalar_t* x = v.x.data_ptr<scalar_t>();
   const scalar_t* g = dy.data_ptr<scalar_t>();
@@ -237,17 +250,49 @@ void run_backward(const PlaneView& v, const at::Tensor& dy, at::Tensor& dx, cons
   const int64_t N = v.N, C = v.C, S = v.S;
   const bool stream = stream_stores(dx.nbytes());
   if (!v.channels_last) {
+    // Channel c's planes in sample order. Where the batch comes in runs of one domain (a pure
+    // batch is one run), each run is summed with its domain's tables in one set of vector
+    // registers and folded once per piece of kSumValues values; a batch of short runs is
+    // walked plane by plane with the tables gathered per sample (one call for the N planes).
+    const int64_t sum_planes = std::max<int64_t>(1, kSumValues / std::max<int64_t>(S, 1));
+    auto run_end = [&](int64_t n0, int64_t most) {
+      int64_t n1 = n0 + 1;
+      while (n1 < N && rows[n1] == rows[n0] && n1 - n0 < most) ++n1;
+      return n1;
+    };
+    int64_t runs = 0;
+    for (int64_t n0 = 0; n0 < N; n0 = run_end(n0, N)) ++runs;
+    const bool by_runs = runs * kMinRunPlanes <= N;
     at::parallel_for(0, C, 1, [&](int64_t begin, int64_t end) {
-      ChannelRows<acc_t> r(N);  // 0, 1, 2: the channel's forward tables; 3, 4, 5: its dx coefficients
-      std::vector<acc_t> s1(N), s2(N);
+      ChannelRows<acc_t> r(by_runs ? 0 : N);  // 0, 1, 2: forward tables; 3, 4, 5: dx coefficients
+      std::vector<acc_t> s1(by_runs ? 0 : N), s2(by_runs ? 0 : N);
       for (int64_t c = begin; c < end; ++c) {
+        if (by_runs) {
+          for (int64_t n0 = 0, n1; n0 < N; n0 = n1) {
+            n1 = run_end(n0, sum_planes);
+            const int64_t k0 = rows[n0] * C + c, o = (n0 * C + c) * S;
+            acc_t a1, a2;
+            K.shared_grad_sums(x + o, g + o, n1 - n0, C * S, S, t.center[k0], t.scale[k0], t.beta[k0], relu, &a1,
+                               &a2);
+            row_s1[k0] += a1;
+            row_s2[k0] += a2;
+          }
+          coefs(c);
+          for (int64_t n0 = 0, n1; n0 < N; n0 = n1) {
+            n1 = run_end(n0, N);
+            const int64_t k0 = rows[n0] * C + c, o = (n0 * C + c) * S;
+            K.shared_input_grad(x + o, g + o, out + o, n1 - n0, C * S, S, t.center[k0], t.scale[k0], t.beta[k0],
+                                k.ka[k0], k.kx[k0], k.k0[k0], relu, stream);
+          }
+          continue;
+        }
         r.gather(0, t.center, rows, N, C, c);
         r.gather(1, t.scale, rows, N, C, c);
         r.gather(2, t.beta, rows, N, C, c);
         K.plane_grad_sums(x + c * S, g + c * S, N, C * S, S, r[0], r[1], r[2], relu, s1.data(), s2.data());
         for (int64_t n = 0; n < N; ++n) {
-          ps1[n * C + c] = s1[n];
-          ps2[n * C + c] = s2[n];
+          row_s1[rows[n] * C + c] += s1[n];
+          row_s2[rows[n] * C + c] += s2[n];
         }
         coefs(c);
         r.gather(3, k.ka, rows, N, C, c);
@@ -260,16 +305,23 @@ void run_backward(const PlaneView& v, const at::Tensor& dy, at::Tensor& dx, cons
     });
     return;
   }
+  std::vector<acc_t> ps1(N * C), ps2(N * C);  // per (sample, channel)
   at::parallel_for(0, N, sample_grain(v), [&](int64_t begin, int64_t end) {
     std::vector<acc_t> scratch(block_scratch_size(C));
     for (int64_t n = begin; n < end; ++n) {
       const int64_t r = rows[n] * C;
       K.block_grad_sums(x + n * S * C, g + n * S * C, S, C, t.center.data() + r, t.scale.data() + r,
-                        t.beta.data() + r, relu, ps1 + n * C, ps2 + n * C, scratch.data());
+                        t.beta.data() + r, relu, ps1.data() + n * C, ps2.data() + n * C, scratch.data());
     }
   });
   at::parallel_for(0, C, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t c = begin; c < end; ++c) coefs(c);
+    for (int64_t c = begin; c < end; ++c) {
+      for (int64_t n = 0; n < N; ++n) {
+        row_s1[rows[n] * C + c] += ps1[n * C + c];
+        row_s2[rows[n] * C + c] += ps2[n * C + c];
+      }
+      coefs(c);
+    }
   });
   at::parallel_for(0, N, sample_grain(v), [&](int64_t begin, int64_t end) {
     std::vector<acc_t> scratch(block_scratch_size(C));

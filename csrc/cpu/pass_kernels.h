@@ -47,6 +47,13 @@ struct PassKernels {
   void (*plane_input_grad)(const void* x, const void* dy, void* dx, int64_t count, int64_t stride, int64_t S,
                            const acc_t* m, const acc_t* a, const acc_t* b, const acc_t* ka, const acc_t* kx,
                            const acc_t* k0, bool relu, bool stream);
+  // The same two for `count` planes that share one table entry (batch norm: consecutive
+  // samples of one domain): the sums are of all the planes together, folded to scalars once
+  // (a plane of 64 values costs as much to fold as to load).
+  void (*shared_grad_sums)(const void* x, const void* dy, int64_t count, int64_t stride, int64_t S, acc_t m, acc_t a,
+                           acc_t b, bool relu, acc_t* s1, acc_t* s2);
+  void (*shared_input_grad)(const void* x, const void* dy, void* dx, int64_t count, int64_t stride, int64_t S,
+                            acc_t m, acc_t a, acc_t b, acc_t ka, acc_t kx, acc_t k0, bool relu, bool stream);
 
   // ---- NSC blocks: the same four with per-channel tables of C values. `scratch` holds
   // block_scratch_size(C) acc_t values of working space.

@@ -427,14 +427,14 @@ void plane_affine(const void* x, void* y, int64_t count, int64_t stride, int64_t
   }
 }
 
+// Adds one plane's g and g (x - m) to the accumulators (four of each, so that the adds of
+// one vector do not wait on the previous one).
 template <typename E, bool RELU>
-void plane_grad_sums_body(const typename E::storage* x, const typename E::storage* dy, int64_t S,
-                          typename E::acc m, typename E::acc a, typename E::acc b, typename E::acc* s1_out,
-                          typename E::acc* s2_out) {
+inline void accumulate_grad_sums(const typename E::storage* x, const typename E::storage* dy, int64_t S,
+                                 typename E::vec vm, typename E::vec va, typename E::vec vb, typename E::vec (&g)[4],
+                                 typename E::vec (&h)[4]) {
   using V = typename E::vec;
   constexpr int L = lanes<E>();
-  const V vm = splat<V>(m), va = splat<V>(a), vb = splat<V>(b);
-  V g0{}, g1{}, g2{}, g3{}, h0{}, h1{}, h2{}, h3{};
   int64_t s = 0;
   for (; s + 4 * L <= S; s += 4 * L) {
     const V c0 = load<E>(x + s) - vm, c1 = load<E>(x + s + L) - vm;
@@ -443,29 +443,40 @@ void plane_grad_sums_body(const typename E::storage* x, const typename E::storag
     const V d1 = gate<RELU>(c1 * va + vb, load<E>(dy + s + L));
     const V d2 = gate<RELU>(c2 * va + vb, load<E>(dy + s + 2 * L));
     const V d3 = gate<RELU>(c3 * va + vb, load<E>(dy + s + 3 * L));
-    g0 += d0;
-    g1 += d1;
-    g2 += d2;
-    g3 += d3;
-    h0 += d0 * c0;
-    h1 += d1 * c1;
-    h2 += d2 * c2;
-    h3 += d3 * c3;
+    g[0] += d0;
+    g[1] += d1;
+    g[2] += d2;
+    g[3] += d3;
+    h[0] += d0 * c0;
+    h[1] += d1 * c1;
+    h[2] += d2 * c2;
+    h[3] += d3 * c3;
   }
   for (; s + L <= S; s += L) {
     const V c = load<E>(x + s) - vm;
     const V d = gate<RELU>(c * va + vb, load<E>(dy + s));
-    g0 += d;
-    h0 += d * c;
+    g[0] += d;
+    h[0] += d * c;
   }
   if (s < S) {  // padding: x = m, dy = 0 (adds nothing)
     const V c = load_part<E>(x + s, S - s, vm) - vm;
     const V d = gate<RELU>(c * va + vb, load_part<E>(dy + s, S - s, V{}));
-    g1 += d;
-    h1 += d * c;
+    g[1] += d;
+    h[1] += d * c;
   }
-  *s1_out = hsum<E>((g0 + g1) + (g2 + g3));
-  *s2_out = hsum<E>((h0 + h1) + (h2 + h3));
+}
+
+// Sums of `count` planes (one when the tables differ per plane), folded to scalars once.
+template <typename E, bool RELU>
+void grad_sums_of_planes(const typename E::storage* x, const typename E::storage* dy, int64_t count,
+                         int64_t stride, int64_t S, typename E::acc m, typename E::acc a, typename E::acc b,
+                         typename E::acc* s1_out, typename E::acc* s2_out) {
+  using V = typename E::vec;
+  const V vm = splat<V>(m), va = splat<V>(a), vb = splat<V>(b);
+  V g[4] = {}, h[4] = {};
+  for (int64_t i = 0; i < count; ++i) accumulate_grad_sums<E, RELU>(x + i * stride, dy + i * stride, S, vm, va, vb, g, h);
+  *s1_out = hsum<E>((g[0] + g[1]) + (g[2] + g[3]));
+  *s2_out = hsum<E>((h[0] + h[1]) + (h[2] + h[3]));
 }
 
 template <typename E>
@@ -477,9 +488,19 @@ void plane_grad_sums(const void* x, const void* dy, int64_t count, int64_t strid
   const T* g = static_cast<const T*>(dy);
   for (int64_t i = 0; i < count; ++i) {
     const int64_t o = i * stride;
-    if (relu) plane_grad_sums_body<E, true>(in + o, g + o, S, m[i], a[i], b[i], s1 + i, s2 + i);
-    else plane_grad_sums_body<E, false>(in + o, g + o, S, m[i], a[i], b[i], s1 + i, s2 + i);
+    if (relu) grad_sums_of_planes<E, true>(in + o, g + o, 1, 0, S, m[i], a[i], b[i], s1 + i, s2 + i);
+    else grad_sums_of_planes<E, false>(in + o, g + o, 1, 0, S, m[i], a[i], b[i], s1 + i, s2 + i);
   }
+}
+
+template <typename E>
+void shared_grad_sums(const void* x, const void* dy, int64_t count, int64_t stride, int64_t S, typename E::acc m,
+                      typename E::acc a, typename E::acc b, bool relu, typename E::acc* s1, typename E::acc* s2) {
+  using T = typename E::storage;
+  const T* in = static_cast<const T*>(x);
+  const T* g = static_cast<const T*>(dy);
+  if (relu) grad_sums_of_planes<E, true>(in, g, count, stride, S, m, a, b, s1, s2);
+  else grad_sums_of_planes<E, false>(in, g, count, stride, S, m, a, b, s1, s2);
 }
 
 template <typename E, bool RELU>
@@ -490,8 +511,9 @@ inline typename E::vec input_grad_of(typename E::vec xv, typename E::vec g, type
   return ka * gate<RELU>(c * va + vb, g) + kx * c + k0;
 }
 
+// Inlined into the loop over planes: called once per plane of as few as 64 values.
 template <typename E, bool RELU, bool STREAM>
-void plane_input_grad_body(const typename E::storage* x, const typename E::storage* dy, typename E::storage* dx,
+__attribute__((always_inline)) inline void plane_input_grad_body(const typename E::storage* x, const typename E::storage* dy, typename E::storage* dx,
                            int64_t S, typename E::acc m, typename E::acc a, typename E::acc b, typename E::acc ka,
                            typename E::acc kx, typename E::acc k0) {
   using V = typename E::vec;
@@ -516,14 +538,34 @@ void plane_input_grad_body(const typename E::storage* x, const typename E::stora
   }
 }
 
+// Plane i uses table entry i * table_step (0: one entry for every plane).
 template <typename E, bool RELU, bool STREAM>
 void planes_input_grad(const typename E::storage* x, const typename E::storage* dy, typename E::storage* dx,
                        int64_t count, int64_t stride, int64_t S, const typename E::acc* m, const typename E::acc* a,
                        const typename E::acc* b, const typename E::acc* ka, const typename E::acc* kx,
-                       const typename E::acc* k0) {
+                       const typename E::acc* k0, int64_t table_step) {
   for (int64_t i = 0; i < count; ++i) {
-    const int64_t o = i * stride;
-    plane_input_grad_body<E, RELU, STREAM>(x + o, dy + o, dx + o, S, m[i], a[i], b[i], ka[i], kx[i], k0[i]);
+    const int64_t o = i * stride, t = i * table_step;
+    plane_input_grad_body<E, RELU, STREAM>(x + o, dy + o, dx + o, S, m[t], a[t], b[t], ka[t], kx[t], k0[t]);
+  }
+}
+
+template <typename E>
+void input_grad_of_planes(const void* x, const void* dy, void* dx, int64_t count, int64_t stride, int64_t S,
+                          const typename E::acc* m, const typename E::acc* a, const typename E::acc* b,
+                          const typename E::acc* ka, const typename E::acc* kx, const typename E::acc* k0,
+                          int64_t table_step, bool relu, bool stream) {
+  using T = typename E::storage;
+  const T* in = static_cast<const T*>(x);
+  const T* g = static_cast<const T*>(dy);
+  T* out = static_cast<T*>(dx);
+  stream = stream && kCanStream && misaligned_head<E>(out) >= 0;
+  if (relu) {
+    if (stream) planes_input_grad<E, true, true>(in, g, out, count, stride, S, m, a, b, ka, kx, k0, table_step);
+    else planes_input_grad<E, true, false>(in, g, out, count, stride, S, m, a, b, ka, kx, k0, table_step);
+  } else {
+    if (stream) planes_input_grad<E, false, true>(in, g, out, count, stride, S, m, a, b, ka, kx, k0, table_step);
+    else planes_input_grad<E, false, false>(in, g, out, count, stride, S, m, a, b, ka, kx, k0, table_step);
   }
 }
 
@@ -532,18 +574,14 @@ void plane_input_grad(const void* x, const void* dy, void* dx, int64_t count, in
                       const typename E::acc* m, const typename E::acc* a, const typename E::acc* b,
                       const typename E::acc* ka, const typename E::acc* kx, const typename E::acc* k0, bool relu,
                       bool stream) {
-  using T = typename E::storage;
-  const T* in = static_cast<const T*>(x);
-  const T* g = static_cast<const T*>(dy);
-  T* out = static_cast<T*>(dx);
-  stream = stream && kCanStream && misaligned_head<E>(out) >= 0;
-  if (relu) {
-    if (stream) planes_input_grad<E, true, true>(in, g, out, count, stride, S, m, a, b, ka, kx, k0);
-    else planes_input_grad<E, true, false>(in, g, out, count, stride, S, m, a, b, ka, kx, k0);
-  } else {
-    if (stream) planes_input_grad<E, false, true>(in, g, out, count, stride, S, m, a, b, ka, kx, k0);
-    else planes_input_grad<E, false, false>(in, g, out, count, stride, S, m, a, b, ka, kx, k0);
-  }
+  input_grad_of_planes<E>(x, dy, dx, count, stride, S, m, a, b, ka, kx, k0, 1, relu, stream);
+}
+
+template <typename E>
+void shared_input_grad(const void* x, const void* dy, void* dx, int64_t count, int64_t stride, int64_t S,
+                       typename E::acc m, typename E::acc a, typename E::acc b, typename E::acc ka,
+                       typename E::acc kx, typename E::acc k0, bool relu, bool stream) {
+  input_grad_of_planes<E>(x, dy, dx, count, stride, S, &m, &a, &b, &ka, &kx, &k0, 0, relu, stream);
 }
 
 // ---- NSC blocks (S rows of C channels).
@@ -886,8 +924,9 @@ void block_input_grad(const void* x, const void* dy, void* dx, int64_t S, int64_
 
 template <typename E>
 constexpr PassKernels<typename E::acc> table() {
-  return {&plane_moments<E>, &plane_affine<E>, &plane_grad_sums<E>, &plane_input_grad<E>, &block_moments<E>,
-          &block_affine<E>,  &block_grad_sums<E>, &block_input_grad<E>, &stream_fence};
+  return {&plane_moments<E>,   &plane_affine<E>,      &plane_grad_sums<E>, &plane_input_grad<E>,
+          &shared_grad_sums<E>, &shared_input_grad<E>, &block_moments<E>,   &block_affine<E>,
+          &block_grad_sums<E>,  &block_input_grad<E>,  &stream_fence};
 }
 
 }  // namespace
