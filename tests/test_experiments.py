@@ -206,6 +206,26 @@ def test_several_seeds_are_averaged(tiny_table2, cache, tmp_path):
     assert "mean per seed" in md and "seeds 0, 1 (mean over seeds)" in md and "Seed 1:" in md
 
 
+def test_finished_only_writes_the_table_from_finished_runs(tiny_table2, cache, tmp_path, monkeypatch):
+    out = tmp_path / "copy"
+    shutil.copytree(tiny_table2[0], out)
+    shutil.rmtree(out / "table2" / "full")  # as if full sharing were still training
+
+    class NoTraining:
+        def __init__(self, *a, **k):
+            raise AssertionError("--finished-only trained a configuration")
+
+    monkeypatch.setattr(T, "Trainer", NoTraining)
+    result = E.run_table("table2", quick=True, out=out, overrides=tiny(cache), seeds=[0, 1], finished_only=True)
+    assert [(r["config"], r["seed"]) for r in result["records"]] == [("none", 0), ("deep", 0)]
+    assert [r["config"] for r in result["rows"]] == ["none", "deep"]
+    md = (out / "table2" / "table2.md").read_text()
+    assert ("**Partial table**: 4 of 6 runs had not finished and are left out "
+            "(full seed 0, none seed 1, deep seed 1, full seed 1)") in md
+    with pytest.raises(E.ExperimentError, match="--finished-only: no finished run of table2"):
+        E.run_table("table2", quick=True, out=tmp_path / "empty", overrides=tiny(cache), finished_only=True)
+
+
 def test_interrupted_configuration_resumes_exactly(tiny_table2, cache, tmp_path, capsys):
     _, first = tiny_table2
     spec = E.TABLES["table2"]

@@ -63,6 +63,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--parallel", type=_cli.positive_int, default=1, metavar="N",
                    help="train N configurations at a time, each in its own process with 1/N of the threads "
                         "(default 1; on a 2-core CPU, 2 does about 20%% more work per hour)")
+    p.add_argument("--finished-only", action="store_true",
+                   help="train nothing: write the table from the runs that have finished (rows averaged over "
+                        "the seeds they have; the runs left out are named in the table)")
     p.add_argument("--dry-run", action="store_true",
                    help="print every configuration's trainer options and parameter count; train nothing")
     return p
@@ -83,7 +86,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     command = "python -m unirep.experiments " + " ".join(sys.argv[1:] if argv is None else argv)
     try:
         run_table(args.table, out=out, overrides=overrides, results_dir=args.results, command=command,
-                  dry_run=args.dry_run, seeds=args.seeds, regime=regime, parallel=args.parallel)
+                  dry_run=args.dry_run, seeds=args.seeds, regime=regime, parallel=args.parallel,
+                  finished_only=args.finished_only)
     except RunInterrupted as e:
         print(f"python -m unirep.experiments: {e}", file=sys.stderr)
         return 130

@@ -192,11 +192,13 @@ def _row_decathlon(row: Mapping[str, Any], records: Sequence[Mapping[str, Any]],
 
 def render_markdown(spec: TableSpec, settings: Mapping[str, Any], rows: Sequence[Mapping[str, Any]], mode: str,
                     command: str, wall: float, seeds: Sequence[int] = (0,),
-                    records: Sequence[Mapping[str, Any]] = (), reference: Optional[Mapping[str, Any]] = None) -> str:
+                    records: Sequence[Mapping[str, Any]] = (), reference: Optional[Mapping[str, Any]] = None,
+                    missing: Sequence[str] = ()) -> str:
     """The table (ours beside the paper's) as markdown, with the settings and the answers.
     ``rows``: :func:`~unirep.experiments.aggregate` of the ``records``; ``mode``: the
     regime; ``reference``: the no-sharing errors of the Decathlon score
-    (:func:`decathlon_reference`; None: no score column)."""
+    (:func:`decathlon_reference`; None: no score column); ``missing``: runs not finished
+    and left out ("<config> seed <k>"), named in the header."""
     domains = list(spec.domains)
     seeds = list(seeds)
     base = next((r for r in rows if r["config"] == spec.baseline), None)
@@ -218,17 +220,21 @@ def render_markdown(spec: TableSpec, settings: Mapping[str, Any], rows: Sequence
              f"date: {'; '.join(dates)}; wall time of the {runs} runs (each measured when it ran: data loading, "
              f"training, evaluation): {_total_wall(rows)}; this command: {wall:.0f} s "
              f"({sum(1 for r in rows if r.get('reused'))} of {len(rows)} configurations entirely reused from "
-             f"earlier runs).", "",
-             f"Settings: {len(domains)} built-in domains ({', '.join(domains)}; {settings['train_per_domain']} "
-             f"train / {settings['test_per_domain']} test images each), {settings['image_size']}x"
-             f"{settings['image_size']} images, ResNet with {settings['units_per_stage']} unit(s) per stage, widths "
-             f"{'-'.join(str(w) for w in settings['widths'])} (stem {settings['stem_width']}) at x1, "
-             f"augmentation {'on' if settings['augment'] else 'off'}; round-robin pure batches of "
-             f"{settings['batch_size']}, {settings['batches_per_domain']} per domain ({steps} steps), SGD momentum "
-             f"{settings['momentum']}, weight decay {settings['weight_decay']}, lr {settings['warmup_lr']} for "
-             f"{settings['warmup_steps']} steps then {settings['lr']} -> {settings['final_lr']} "
-             f"({settings['decay']}){''.join('; ' + e for e in extra)}; {seed_text}. Top-1 error (%) on the test "
-             f"split; chance: {chance_error(domains):.1f} mean.", ""]
+             f"earlier runs).", ""]
+    if missing:
+        lines += [f"**Partial table**: {len(missing)} of {len(missing) + runs} runs had not finished and are left "
+                  f"out ({', '.join(missing)}). Each row's mean is over the seeds it has ('mean per seed'); the "
+                  f"answers compare per seed only the seeds both rows have.", ""]
+    lines += [f"Settings: {len(domains)} built-in domains ({', '.join(domains)}; {settings['train_per_domain']} "
+              f"train / {settings['test_per_domain']} test images each), {settings['image_size']}x"
+              f"{settings['image_size']} images, ResNet with {settings['units_per_stage']} unit(s) per stage, widths "
+              f"{'-'.join(str(w) for w in settings['widths'])} (stem {settings['stem_width']}) at x1, "
+              f"augmentation {'on' if settings['augment'] else 'off'}; round-robin pure batches of "
+              f"{settings['batch_size']}, {settings['batches_per_domain']} per domain ({steps} steps), SGD momentum "
+              f"{settings['momentum']}, weight decay {settings['weight_decay']}, lr {settings['warmup_lr']} for "
+              f"{settings['warmup_steps']} steps then {settings['lr']} -> {settings['final_lr']} "
+              f"({settings['decay']}){''.join('; ' + e for e in extra)}; {seed_text}. Top-1 error (%) on the test "
+              f"split; chance: {chance_error(domains):.1f} mean.", ""]
     head = ["configuration", "params", "domain-specific"]
     if base is not None:
         head.append(f"params / {spec.baseline}")

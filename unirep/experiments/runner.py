@@ -230,7 +230,7 @@ def run_table(table: str, quick: bool = False, out: str | Path = "runs/experimen
               overrides: Optional[Mapping[str, Any]] = None, results_dir: Optional[str | Path] = None,
               command: Optional[str] = None, dry_run: bool = False,
               seeds: Optional[Sequence[int]] = None, regime: Optional[str] = None,
-              parallel: int = 1) -> Dict[str, Any]:
+              parallel: int = 1, finished_only: bool = False) -> Dict[str, Any]:
     """Run every configuration of ``table`` (a table of the paper: "table2", "table3",
     "table4"; or one of our checks: "convergence", "in-ablation") and write the comparison
     with the paper as ``OUT/<table>/<table>.{md,csv,png}``.
@@ -259,6 +259,10 @@ def run_table(table: str, quick: bool = False, out: str | Path = "runs/experimen
             seeded and bitwise repeatable for a given thread count; another thread count
             changes the convolutions' last bits, so ``parallel`` changes results within
             the seed-to-seed noise, not more.
+        finished_only: train nothing; write the table from the runs that have finished
+            (each row averaged over the seeds it has, the runs left out named in the
+            header). For a table whose runs are still training, or that a time budget
+            cut short.
 
     Returns:
         ``{"spec", "settings", "seeds", "records" (one per configuration and seed), "rows"
@@ -287,12 +291,19 @@ def run_table(table: str, quick: bool = False, out: str | Path = "runs/experimen
     folder.mkdir(parents=True, exist_ok=True)
     jobs = [(spec, c, dict(settings, seed=s), runs / run_dir_name(c, s), i, len(seeds) * len(spec.configs))
             for i, (s, c) in enumerate(((s, c) for s in seeds for c in spec.configs), 1)]
-    records = _run_jobs(jobs, parallel)
+    missing = []
+    if finished_only:
+        missing = [f"{job[1].key} seed {job[2]['seed']}" for job in jobs if not (job[3] / "eval.json").exists()]
+        jobs = [job for job in jobs if (job[3] / "eval.json").exists()]
+        if not jobs:
+            raise ExperimentError(f"--finished-only: no finished run of {spec.name} in {runs}")
+    records = _run_jobs(jobs, 1 if finished_only else parallel)
     wall = time.perf_counter() - t0
     command = command or f"python -m unirep.experiments {spec.name} --regime {regime}"
     rows = aggregate(spec, records)
     reference = decathlon_reference(spec, records, Path(out), seeds)
-    md = render_markdown(spec, settings, rows, regime, command, wall, seeds, records=records, reference=reference)
+    md = render_markdown(spec, settings, rows, regime, command, wall, seeds, records=records, reference=reference,
+                         missing=missing)
     files = [folder / f"{spec.name}.md", folder / f"{spec.name}.csv", folder / f"{spec.name}.png"]
     files[0].write_text(md)
     write_csv(spec, records, rows, files[1], reference=reference)
