@@ -133,7 +133,6 @@ def test_results_do_not_depend_on_thread_count(op, channels_last, dtype):
         assert torch.equal(outs[0][key], outs[1][key]), f"{key} differs between 1 and 2 threads"
 
 
-
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("batch", ["pure", "sorted", "mixed"])
 def test_batch_norm_backward_over_runs_of_one_domain(batch, dtype):

@@ -254,36 +254,40 @@ void run_backward(const PlaneView& v, const at::Tensor& dy, at::Tensor& dx, cons
     // batch is one run), each run is summed with its domain's tables in one set of vector
     // registers and folded once per piece of kSumValues values; a batch of short runs is
     // walked plane by plane with the tables gathered per sample (one call for the N planes).
+    // The batch's runs (start of each, and of each piece of at most sum_planes planes): the
+    // same for every channel, so found once.
     const int64_t sum_planes = std::max<int64_t>(1, kSumValues / std::max<int64_t>(S, 1));
-    auto run_end = [&](int64_t n0, int64_t most) {
-      int64_t n1 = n0 + 1;
-      while (n1 < N && rows[n1] == rows[n0] && n1 - n0 < most) ++n1;
-      return n1;
+    std::vector<int64_t> run_starts, piece_starts;
+    for (int64_t n = 0; n < N; ++n) {
+      const bool new_run = n == 0 || rows[n] != rows[n - 1];
+      if (new_run) run_starts.push_back(n);
+      if (new_run || n - piece_starts.back() == sum_planes) piece_starts.push_back(n);
+    }
+    run_starts.push_back(N);
+    piece_starts.push_back(N);
+    const bool by_runs = (static_cast<int64_t>(run_starts.size()) - 1) * kMinRunPlanes <= N;
+    // Calls f(first sample, samples) for each of `starts`' spans of channel c.
+    auto for_spans = [&](const std::vector<int64_t>& starts, const auto& f) {
+      for (size_t i = 0; i + 1 < starts.size(); ++i) f(starts[i], starts[i + 1] - starts[i]);
     };
-    int64_t runs = 0;
-    for (int64_t n0 = 0; n0 < N; n0 = run_end(n0, N)) ++runs;
-    const bool by_runs = runs * kMinRunPlanes <= N;
     at::parallel_for(0, C, 1, [&](int64_t begin, int64_t end) {
       ChannelRows<acc_t> r(by_runs ? 0 : N);  // 0, 1, 2: forward tables; 3, 4, 5: dx coefficients
       std::vector<acc_t> s1(by_runs ? 0 : N), s2(by_runs ? 0 : N);
       for (int64_t c = begin; c < end; ++c) {
         if (by_runs) {
-          for (int64_t n0 = 0, n1; n0 < N; n0 = n1) {
-            n1 = run_end(n0, sum_planes);
+          for_spans(piece_starts, [&](int64_t n0, int64_t count) {
             const int64_t k0 = rows[n0] * C + c, o = (n0 * C + c) * S;
             acc_t a1, a2;
-            K.shared_grad_sums(x + o, g + o, n1 - n0, C * S, S, t.center[k0], t.scale[k0], t.beta[k0], relu, &a1,
-                               &a2);
+            K.shared_grad_sums(x + o, g + o, count, C * S, S, t.center[k0], t.scale[k0], t.beta[k0], relu, &a1, &a2);
             row_s1[k0] += a1;
             row_s2[k0] += a2;
-          }
+          });
           coefs(c);
-          for (int64_t n0 = 0, n1; n0 < N; n0 = n1) {
-            n1 = run_end(n0, N);
+          for_spans(run_starts, [&](int64_t n0, int64_t count) {
             const int64_t k0 = rows[n0] * C + c, o = (n0 * C + c) * S;
-            K.shared_input_grad(x + o, g + o, out + o, n1 - n0, C * S, S, t.center[k0], t.scale[k0], t.beta[k0],
+            K.shared_input_grad(x + o, g + o, out + o, count, C * S, S, t.center[k0], t.scale[k0], t.beta[k0],
                                 k.ka[k0], k.kx[k0], k.k0[k0], relu, stream);
-          }
+          });
           continue;
         }
         r.gather(0, t.center, rows, N, C, c);
