@@ -288,7 +288,6 @@ def run_table(table: str, quick: bool = False, out: str | Path = "runs/experimen
         return {"spec": spec, "settings": settings, "seeds": seeds, "records": [], "rows": [], "files": [],
                 "wall_seconds": 0.0}
     folder = Path(out) / spec.name
-    folder.mkdir(parents=True, exist_ok=True)
     jobs = [(spec, c, dict(settings, seed=s), runs / run_dir_name(c, s), i, len(seeds) * len(spec.configs))
             for i, (s, c) in enumerate(((s, c) for s in seeds for c in spec.configs), 1)]
     missing = []
@@ -297,6 +296,7 @@ def run_table(table: str, quick: bool = False, out: str | Path = "runs/experimen
         jobs = [job for job in jobs if (job[3] / "eval.json").exists()]
         if not jobs:
             raise ExperimentError(f"--finished-only: no finished run of {spec.name} in {runs}")
+    folder.mkdir(parents=True, exist_ok=True)
     records = _run_jobs(jobs, 1 if finished_only else parallel)
     wall = time.perf_counter() - t0
     command = command or f"python -m unirep.experiments {spec.name} --regime {regime}"
