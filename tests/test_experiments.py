@@ -226,6 +226,60 @@ def test_finished_only_writes_the_table_from_finished_runs(tiny_table2, cache, t
         E.run_table("table2", quick=True, out=tmp_path / "empty", overrides=tiny(cache), finished_only=True)
 
 
+def test_records_of_an_earlier_command_complete_a_table(tiny_table2, cache, tmp_path):
+    """--records: runs recorded in a table CSV (another machine's, a session ago) join the
+    new runs untrained, and a table made from records alone is the table made from runs."""
+    out, first = tiny_table2
+    earlier = out / "table2" / "table2.csv"
+    again = E.run_table("table2", quick=True, out=tmp_path / "fresh", overrides=tiny(cache), finished_only=True,
+                        records_from=[earlier])
+    assert [r["errors"] for r in again["records"]] == [r["errors"] for r in first["records"]]
+    assert [r["mean_error"] for r in again["records"]] == [r["mean_error"] for r in first["records"]]
+    assert [r["permute_labels"] for r in again["records"]] == [r.get("permute_labels") for r in first["records"]]
+    assert [r["parameters"] for r in again["records"]] == [r["parameters"] for r in first["records"]]
+    assert all(r["source"] == str(earlier) for r in again["records"])
+    assert not (tmp_path / "fresh" / "table2" / "none").exists()  # nothing trained
+    # seed 0 from the file, seed 1 trained
+    both = E.run_table("table2", quick=True, out=tmp_path / "fresh", overrides=tiny(cache), seeds=[0, 1],
+                       records_from=[earlier])
+    assert [(r["config"], r["seed"], "source" in r) for r in both["records"]] == [
+        (k, s, s == 0) for s in (0, 1) for k in ("none", "deep", "full")]
+    assert (tmp_path / "fresh" / "table2" / "full-seed1" / "eval.json").exists()
+    assert not (tmp_path / "fresh" / "table2" / "full").exists()
+    md = (tmp_path / "fresh" / "table2" / "table2.md").read_text()
+    assert (f"3 of the 6 runs are taken from the records of an earlier command (`{earlier}`: deep seed 0, "
+            f"full seed 0, none seed 0), not trained again.") in md
+    # records made with other settings, or of another table, are refused
+    with pytest.raises(E.ExperimentError, match="none seed 0 was made with other settings .9 steps"):
+        E.run_table("table2", quick=True, out=tmp_path / "x", overrides=dict(tiny(cache), batches_per_domain=4),
+                    finished_only=True, records_from=[earlier])
+    with pytest.raises(E.ExperimentError, match="holds no run of table3"):
+        E.run_table("table3", quick=True, out=tmp_path / "x", overrides=tiny(cache), finished_only=True,
+                    records_from=[earlier])
+    with pytest.raises(E.ExperimentError, match="cannot read"):
+        E.run_table("table2", quick=True, out=tmp_path / "x", overrides=tiny(cache), records_from=[tmp_path / "no.csv"])
+
+
+def test_configs_runs_only_the_named_rows(tiny_table2, cache, tmp_path, monkeypatch):
+    out, first = tiny_table2
+
+    class NoTraining:
+        def __init__(self, *a, **k):
+            raise AssertionError("a configuration outside --configs was trained")
+
+    monkeypatch.setattr(T, "Trainer", NoTraining)
+    result = E.run_table("table2", quick=True, out=out, overrides=tiny(cache), configs=["deep", "none"])
+    assert [r["config"] for r in result["rows"]] == ["none", "deep"]  # the table's order
+    md = (out / "table2" / "table2.md").read_text()
+    assert "deep sharing vs no sharing" in md and "Full sharing" not in md
+    with pytest.raises(E.ExperimentError, match="table2 has no configuration 'dep'; have none, deep, full"):
+        E.run_table("table2", quick=True, out=out, overrides=tiny(cache), configs=["dep"])
+    with pytest.raises(SystemExit):
+        E.main(["table2", "--quick", "--configs", ","])
+    # leave the full table in place for the other tests
+    E.run_table("table2", quick=True, out=out, overrides=tiny(cache))
+
+
 def test_interrupted_configuration_resumes_exactly(tiny_table2, cache, tmp_path, capsys):
     _, first = tiny_table2
     spec = E.TABLES["table2"]

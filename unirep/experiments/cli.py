@@ -32,6 +32,13 @@ def _seed_list(text: str) -> List[int]:
         raise argparse.ArgumentTypeError(f"--seeds takes integers such as 0,1, got {text!r}") from None
 
 
+def _key_list(text: str) -> List[str]:
+    keys = [v for v in text.replace(",", " ").split()]
+    if not keys:
+        raise argparse.ArgumentTypeError("--configs takes configuration names such as none,deep")
+    return keys
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The command line of ``python -m unirep.experiments``."""
     p = _cli.ArgumentParser(
@@ -66,6 +73,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--finished-only", action="store_true",
                    help="train nothing: write the table from the runs that have finished (rows averaged over "
                         "the seeds they have; the runs left out are named in the table)")
+    p.add_argument("--configs", type=_key_list, default=None, metavar="LIST",
+                   help="run only these configurations, e.g. --configs none,deep (names as --dry-run prints "
+                        "them; default: all); the table has only their rows")
+    p.add_argument("--records", action="append", default=[], metavar="CSV",
+                   help="take the runs recorded in CSV (a table CSV this command wrote earlier, e.g. in "
+                        "benchmarks/results) instead of training them again, after checking their settings; "
+                        "repeatable. To finish a table over several sessions or machines")
     p.add_argument("--dry-run", action="store_true",
                    help="print every configuration's trainer options and parameter count; train nothing")
     return p
@@ -87,7 +101,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     try:
         run_table(args.table, out=out, overrides=overrides, results_dir=args.results, command=command,
                   dry_run=args.dry_run, seeds=args.seeds, regime=regime, parallel=args.parallel,
-                  finished_only=args.finished_only)
+                  finished_only=args.finished_only, configs=args.configs,
+                  records_from=args.records)
     except RunInterrupted as e:
         print(f"python -m unirep.experiments: {e}", file=sys.stderr)
         return 130

@@ -221,6 +221,11 @@ def render_markdown(spec: TableSpec, settings: Mapping[str, Any], rows: Sequence
              f"training, evaluation): {_total_wall(rows)}; this command: {wall:.0f} s "
              f"({sum(1 for r in rows if r.get('reused'))} of {len(rows)} configurations entirely reused from "
              f"earlier runs).", ""]
+    earlier = sorted({str(r["source"]) for r in records or () if r.get("source")})
+    if earlier:
+        taken = sorted(f"{r['config']} seed {r['seed']}" for r in records if r.get("source"))
+        lines += [f"{len(taken)} of the {runs} runs are taken from the records of an earlier command "
+                  f"({', '.join(f'`{e}`' for e in earlier)}: {', '.join(taken)}), not trained again.", ""]
     if missing:
         lines += [f"**Partial table**: {len(missing)} of {len(missing) + runs} runs had not finished and are left "
                   f"out ({', '.join(missing)}). Each row's mean is over the seeds it has ('mean per seed'); the "

@@ -5,6 +5,8 @@ and the table written (:mod:`.report`)."""
 from __future__ import annotations
 
 import contextlib
+import csv
+import dataclasses
 import json
 import os
 import platform
@@ -230,7 +232,9 @@ def run_table(table: str, quick: bool = False, out: str | Path = "runs/experimen
               overrides: Optional[Mapping[str, Any]] = None, results_dir: Optional[str | Path] = None,
               command: Optional[str] = None, dry_run: bool = False,
               seeds: Optional[Sequence[int]] = None, regime: Optional[str] = None,
-              parallel: int = 1, finished_only: bool = False) -> Dict[str, Any]:
+              parallel: int = 1, finished_only: bool = False,
+              configs: Optional[Sequence[str]] = None,
+              records_from: Sequence[str | Path] = ()) -> Dict[str, Any]:
     """Run every configuration of ``table`` (a table of the paper: "table2", "table3",
     "table4"; or one of our checks: "convergence", "in-ablation") and write the comparison
     with the paper as ``OUT/<table>/<table>.{md,csv,png}``.
@@ -263,12 +267,22 @@ def run_table(table: str, quick: bool = False, out: str | Path = "runs/experimen
             (each row averaged over the seeds it has, the runs left out named in the
             header). For a table whose runs are still training, or that a time budget
             cut short.
+        configs: run only these configurations (keys as in ``--dry-run``; default all),
+            e.g. the cheap rows of a table first; the table then has only their rows.
+        records_from: CSV files this command wrote earlier (``<table>.csv``, or its copy in
+            ``benchmarks/results``): a configuration and seed recorded there and not
+            finished under ``OUT`` is taken from the file instead of trained, after checking
+            that its table, domains, steps and parameter count are this command's. So a
+            table can be completed over several sessions, or machines, without the run
+            folders (see :func:`read_records`).
 
     Returns:
         ``{"spec", "settings", "seeds", "records" (one per configuration and seed), "rows"
         (one per configuration, averaged over seeds), "files", "wall_seconds"}``.
     """
     spec = spec_of(table)
+    if configs is not None:
+        spec = only_configs(spec, configs)
     regime = regime_of(quick, regime)
     settings = table_settings(table, overrides=overrides, regime=regime)
     seeds = [int(settings["seed"])] if seeds is None else [int(s) for s in seeds]
@@ -290,14 +304,22 @@ def run_table(table: str, quick: bool = False, out: str | Path = "runs/experimen
     folder = Path(out) / spec.name
     jobs = [(spec, c, dict(settings, seed=s), runs / run_dir_name(c, s), i, len(seeds) * len(spec.configs))
             for i, (s, c) in enumerate(((s, c) for s in seeds for c in spec.configs), 1)]
+    earlier = {}
+    for path in records_from:
+        earlier.update({(r["config"], r["seed"]): r for r in read_records(path, spec, settings)})
+    from_files = [earlier[(job[1].key, job[2]["seed"])] for job in jobs
+                  if (job[1].key, job[2]["seed"]) in earlier and not (job[3] / "eval.json").exists()]
+    jobs = [job for job in jobs if (job[1].key, job[2]["seed"]) not in {(r["config"], r["seed"]) for r in from_files}]
     missing = []
     if finished_only:
         missing = [f"{job[1].key} seed {job[2]['seed']}" for job in jobs if not (job[3] / "eval.json").exists()]
         jobs = [job for job in jobs if (job[3] / "eval.json").exists()]
-        if not jobs:
+        if not jobs and not from_files:
             raise ExperimentError(f"--finished-only: no finished run of {spec.name} in {runs}")
     folder.mkdir(parents=True, exist_ok=True)
-    records = _run_jobs(jobs, 1 if finished_only else parallel)
+    order = [c.key for c in spec.configs]
+    records = sorted(_run_jobs(jobs, 1 if finished_only else parallel) + from_files,
+                     key=lambda r: (seeds.index(r["seed"]), order.index(r["config"])))  # seeds, then configs
     wall = time.perf_counter() - t0
     command = command or f"python -m unirep.experiments {spec.name} --regime {regime}"
     rows = aggregate(spec, records)
@@ -319,6 +341,78 @@ def run_table(table: str, quick: bool = False, out: str | Path = "runs/experimen
     print(f"{spec.name}: {wall:.0f} s in all; files: {', '.join(str(f) for f in files)}", file=sys.stderr)
     return {"spec": spec, "settings": settings, "seeds": seeds, "records": records, "rows": rows, "files": files,
             "wall_seconds": wall}
+
+
+def read_records(path: str | Path, spec: TableSpec, settings: Mapping[str, Any]) -> List[Dict[str, Any]]:
+    """The per-seed records of ``spec``'s table in a CSV that :func:`run_table` wrote
+    (rows of another table, and the ``seed = mean`` rows, are skipped), as records of
+    reused runs (``source``: the file).
+
+    Raises :class:`ExperimentError` if the file is missing or unreadable, or a record's
+    domains, steps or parameter count differ from what ``settings`` give: it was made with
+    other settings and cannot join this table."""
+    from unirep import train as T
+    path = Path(path)
+    try:
+        with open(path, newline="") as fh:
+            rows = list(csv.DictReader(fh))
+    except OSError as e:
+        raise ExperimentError(f"--records: cannot read {path}: {e.strerror or e}") from None
+    mine = [r for r in rows if r.get("table") == spec.name]
+    needed = {"table", "config", "seed", "mean_error", "steps", "parameters"}
+    needed |= {f"error_{d}" for d in spec.domains} if mine else set()
+    if not rows or not needed <= set(rows[0]):
+        raise ExperimentError(f"--records: {path} is not a table CSV of {spec.name} (it lacks "
+                              f"{', '.join(sorted(needed - set(rows[0] if rows else ())))})")
+    steps = int(settings["batches_per_domain"]) * len(spec.domains)
+    num_classes = num_classes_of(spec.domains)
+    out = []
+    for row in mine:
+        if row["seed"] == "mean" or row["config"] not in {c.key for c in spec.configs}:
+            continue
+        config = spec.config(row["config"])
+        cfg = T.resolve_config(trainer_config(spec, config, dict(settings, seed=int(row["seed"])), Path(".")))
+        params, specific = count_model_parameters(cfg, num_classes)
+        head = f"--records: {path}: {config.key} seed {row['seed']}"
+        if int(row["steps"]) != steps or int(row["parameters"]) != params:
+            raise ExperimentError(f"{head} was made with other settings ({row['steps']} steps, {row['parameters']} "
+                                  f"parameters; this table: {steps} steps, {params} parameters)")
+        errors = {d: float(row[f"error_{d}"]) for d in spec.domains}
+        # the file's per-domain errors are exact (k/N as 2 decimals) and its mean rounded:
+        # the mean is recomputed as the trainer computes it, so a table made from records
+        # is the table made from the runs
+        mean = sum(errors.values()) / len(errors)
+        if abs(mean - float(row["mean_error"])) > 1e-3:
+            raise ExperimentError(f"{head}: its mean error {row['mean_error']} is not the mean of its domains' "
+                                  f"({mean:.3f}); the file was edited")
+        number = lambda v: None if v in ("", "-", None) else float(v)  # noqa: E731
+        out.append({"table": spec.name, "config": config.key, "label": config.label, "strategy": config.strategy,
+                    "sharing": config.sharing, "width": config.width, "seed": int(row["seed"]),
+                    "permute_labels": int(row["permute_labels"]) if row.get("permute_labels") else None,
+                    "errors": errors, "mean_error": mean, "train_errors": None,
+                    "mean_train_error": number(row.get("mean_train_error")), "parameters": params,
+                    "domain_specific_parameters": specific, "steps": steps,
+                    "train_seconds": number(row.get("train_seconds")), "wall_seconds": number(row.get("wall_seconds")),
+                    "device": row.get("device") or "unknown", "date": row.get("date") or "unknown",
+                    "torch": row.get("torch") or "unknown", "reused": True, "source": str(path)})
+    if not out:
+        raise ExperimentError(f"--records: {path} holds no run of {spec.name}'s configurations "
+                              f"({', '.join(c.key for c in spec.configs)})")
+    return out
+
+
+def only_configs(spec: TableSpec, keys: Sequence[str]) -> TableSpec:
+    """``spec`` restricted to the configurations ``keys`` (in the table's order); its
+    comparisons keep those whose two configurations are both left."""
+    wanted = list(dict.fromkeys(keys))
+    unknown = [k for k in wanted if k not in {c.key for c in spec.configs}]
+    if unknown or not wanted:
+        raise ExperimentError(f"{spec.name} has no configuration {', '.join(map(repr, unknown)) or '(none given)'}; "
+                              f"have {', '.join(c.key for c in spec.configs)}")
+    kept = tuple(c for c in spec.configs if c.key in wanted)
+    comparisons = tuple(q for q in spec.comparisons if q[1] in wanted and q[2] in wanted)
+    baseline = spec.baseline if spec.baseline in wanted else None
+    return dataclasses.replace(spec, configs=kept, comparisons=comparisons, baseline=baseline)
 
 
 def _run_jobs(jobs: Sequence[tuple], parallel: int) -> List[Dict[str, Any]]:
@@ -361,7 +455,7 @@ def aggregate(spec: TableSpec, records: Sequence[Mapping[str, Any]]) -> List[Dic
             continue
         n = len(mine)
         walls = [r.get("wall_seconds") for r in mine]
-        trained = [r for r in mine if r.get("train_errors")]
+        trained = [r for r in mine if r.get("mean_train_error") is not None]
         rows.append({
             "config": c.key, "label": c.label, "seeds": [r["seed"] for r in mine],
             "errors": {d: sum(r["errors"][d] for r in mine) / n for d in mine[0]["errors"]},
