@@ -27,6 +27,11 @@ inline PlaneView plane_view(const at::Tensor& x) {
   if (x.dim() == 2) {
     v.x = x.contiguous();
     v.channels_last = true;  // (N, C) rows: the NSC walk with S = 1 vectorizes over C
+  } else if (v.S == 1 && x.is_contiguous()) {
+    // (N, C, 1, 1), e.g. features after global pooling: NCS and NSC are the same memory,
+    // and the NSC walk vectorizes over C instead of visiting N * C one-value planes
+    v.x = x;
+    v.channels_last = true;
   } else if (x.is_contiguous()) {
     v.x = x;
   } else if ((x.dim() == 4 && x.is_contiguous(at::MemoryFormat::ChannelsLast)) ||

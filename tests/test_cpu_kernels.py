@@ -133,6 +133,54 @@ def test_results_do_not_depend_on_thread_count(op, channels_last, dtype):
         assert torch.equal(outs[0][key], outs[1][key]), f"{key} differs between 1 and 2 threads"
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("spatial", [(8, 8), (64, 64)])
+def test_batch_norm_training_forward_in_memory_order_and_by_channel(spatial, dtype):
+    """The NCHW training forward walks planes of fewer than kChannelWalkPlaneBytes (8 KiB)
+    in memory order, larger ones channel by channel (norm_passes.h): 8x8 takes the first,
+    64x64 the second (16 KiB in float32, 8 KiB in float16). Both match reference.py."""
+    case = make_case(n=10, c=3, spatial=spatial, num_domains=3, mixed=True, stats="domain", seed=13)
+    g = torch.randn(case["x"].shape, dtype=torch.float64, generator=torch.Generator().manual_seed(4))
+    kw = dict(use_batch_stats=True, relu=True)
+    exact = results_with_grads(run_bn, case, "reference", g, **kw)
+    low_case = cast_params(dict(case, x=case["x"].to(dtype)), torch.float32)
+    got = results_with_grads(run_bn, low_case, "cpp", g.to(dtype), **kw)
+    if dtype == torch.float32:
+        for key, want in exact.items():
+            err = (got[key].double() - want).abs().max().item()
+            assert err <= 1e-4 * max(1.0, want.abs().max().item()), f"{key}: max abs err {err:.3g}"
+    else:
+        low = results_with_grads(run_bn, low_case, "reference", g.to(dtype), **kw)
+        for key, want in exact.items():
+            assert_low_precision(got[key], low[key], want, dtype, key)
+
+
+@pytest.mark.parametrize("use_batch_stats", [True, False])
+def test_one_value_maps_take_the_rows_walk(use_batch_stats):
+    """(N, C, 1, 1), e.g. features after global pooling, is walked as (N, C) rows (one
+    vectorized pass over C per sample), not as N * C planes of one value: bitwise the results
+    of the same values given as (N, C), and PyTorch's for one domain."""
+    import torch.nn.functional as F
+    case = make_case(n=64, c=37, spatial=(1, 1), num_domains=1, mixed=False, stats="domain", seed=5)
+    case = cast_params(dict(case, x=case["x"].float()), torch.float32)
+    rows = dict(case, x=case["x"].reshape(64, 37))
+    g = torch.randn(64, 37, generator=torch.Generator().manual_seed(2))
+    kw = dict(use_batch_stats=use_batch_stats)
+    four = results_with_grads(run_bn, case, "cpp", g.view(64, 37, 1, 1), **kw)
+    two = results_with_grads(run_bn, rows, "cpp", g, **kw)
+    for key in four:
+        assert torch.equal(four[key].reshape(two[key].shape), two[key]), key
+    x = case["x"].clone().requires_grad_()
+    w, b = case["weight"][0].clone().requires_grad_(), case["bias"][0].clone().requires_grad_()
+    rm, rv = case["running_mean"][0].clone(), case["running_var"][0].clone()
+    y = F.batch_norm(x, rm, rv, w, b, training=use_batch_stats)
+    y.backward(g.view(64, 37, 1, 1))
+    torch.testing.assert_close(four["y"], y.detach(), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(four["dx"], x.grad, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(four["dweight"].reshape(-1), w.grad, atol=1e-4, rtol=1e-5)
+    torch.testing.assert_close(four["dbias"].reshape(-1), b.grad, atol=1e-4, rtol=1e-5)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("batch", ["pure", "sorted", "mixed"])
 def test_batch_norm_backward_over_runs_of_one_domain(batch, dtype):

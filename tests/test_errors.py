@@ -141,6 +141,12 @@ def test_running_stats_that_share_memory_are_rejected_before_any_write(backend):
     with pytest.raises(ValueError, match="must not share memory"):
         uk.domain_batch_norm(args["x"], args["domain"], None, None, shared, shared, num_domains=D,
                              use_batch_stats=True, backend=backend)
+    # eval only reads the running stats: shared memory is allowed there, and reads the same
+    y = uk.domain_batch_norm(args["x"], args["domain"], None, None, shared, rv, num_domains=D,
+                             use_batch_stats=False, backend=backend)
+    want = uk.domain_batch_norm(args["x"], args["domain"], None, None, shared.clone(), rv.contiguous(),
+                                num_domains=D, use_batch_stats=False, backend=backend)
+    assert torch.equal(y, want)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

@@ -146,7 +146,7 @@ def check_domain(domain: Domain, num_domains: Optional[int] = None, x: Optional[
     if check_values is None:
         check_values = not (domain.device.type == "cuda" and domain_check_mode() == "device")
     if num_domains is not None and check_values and domain.numel() and has_data(domain):
-        low, high = int(domain.min()), int(domain.max())
+        low, high = (int(v) for v in torch.aminmax(domain))  # one pass, one host sync on CUDA
         if low < 0 or high >= num_domains:
             raise ValueError(f"{where}: domain values must lie in [0, num_domains={num_domains}), "
                              f"got {low if low < 0 else high}")
@@ -188,7 +188,9 @@ def check_batch_norm(x: Tensor, domain, weight, bias, running_mean, running_var,
     if running_mean is not None and running_mean.shape != running_var.shape:
         raise ValueError(f"{op}: running_mean {tuple(running_mean.shape)} and running_var "
                          f"{tuple(running_var.shape)} must have the same shape")
-    if running_mean is not None and has_data(running_mean) and has_data(running_var):  # real storage only
+    # Aliasing matters only where the running stats are written (batch statistics update
+    # them in place); eval only reads them. Real storage only.
+    if use_batch_stats and running_mean is not None and has_data(running_mean) and has_data(running_var):
         for name, t in (("running_mean", running_mean), ("running_var", running_var)):
             if any(stride == 0 and size > 1 for size, stride in zip(t.shape, t.stride())):
                 raise ValueError(f"{op}: {name} has elements that share memory (an expanded view?); "

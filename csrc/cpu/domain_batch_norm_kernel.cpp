@@ -94,9 +94,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward(
       // the running stats must not change what the backward sees.
       mean = running_mean->to(acc).reshape({-1, C}).clone(at::MemoryFormat::Contiguous);
       var = running_var->to(acc).reshape({-1, C}).clone(at::MemoryFormat::Contiguous);
+      // data_ptr checks the dtype on every call: taken once, not once per channel
+      const acc_t* rmean = mean.data_ptr<acc_t>();
+      const acc_t* rvar = var.data_ptr<acc_t>();
       for (int64_t c = 0; c < C; ++c) {
-        fill_tables<acc_t>(tables, c, D, C, mean.data_ptr<acc_t>(), var.data_ptr<acc_t>(), running_mean->dim() == 2,
-                           w, b, eps);
+        fill_tables<acc_t>(tables, c, D, C, rmean, rvar, running_mean->dim() == 2, w, b, eps);
       }
       run_affine<scalar_t, acc_t>(v, y, rows.data(), tables, relu);
     }
@@ -126,10 +128,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward(
     const ParamRows<acc_t> b(bias, num_domains, C, acc_t(0), acc, "bias");
     const at::Tensor mean_acc = mean.to(acc).contiguous(), var_acc = var.to(acc).contiguous();
     const bool per_domain_moments = use_batch_stats ? stats_per_domain : mean.size(0) > 1;
+    const acc_t* gmean = mean_acc.data_ptr<acc_t>();
     const acc_t* gvar = var_acc.data_ptr<acc_t>();
     AffineTables<acc_t> tables(D, C);
     for (int64_t c = 0; c < C; ++c) {
-      fill_tables<acc_t>(tables, c, D, C, mean_acc.data_ptr<acc_t>(), gvar, per_domain_moments, w, b, eps);
+      fill_tables<acc_t>(tables, c, D, C, gmean, gvar, per_domain_moments, w, b, eps);
     }
     const at::Tensor count_d = count.to(at::kDouble).contiguous();
     const double* cnt = count_d.data_ptr<double>();
