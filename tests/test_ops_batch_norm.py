@@ -222,3 +222,29 @@ def test_non_contiguous_running_stats(backend):
     case["running_var"] = case["running_var"].t().contiguous().t()
     compare_bn(case, backend, atol=1e-10, rtol=1e-10, use_batch_stats=False)
     compare_bn(case, backend, atol=1e-10, rtol=1e-10, use_batch_stats=True)
+
+
+@pytest.mark.parametrize("backend", COMPILED_BACKENDS)
+def test_calls_that_need_no_gradient_skip_autograd_and_give_the_same_results(backend):
+    """Without grad mode, or with no input that requires grad, the compiled op is called
+    below autograd (ops._below_autograd_unless_needed): the same outputs bitwise, no graph;
+    an input that requires grad (here only the weight) still gets its gradient."""
+    device = devices_for(backend)[0]
+    case = cast_params(make_case(n=8, c=4, spatial=(5, 5), num_domains=2, dtype=torch.float32, device=device),
+                       torch.float32)
+    for norm in ("bn", "in"):
+        def run(c):
+            if norm == "in":
+                return uk.domain_instance_norm(c["x"], c["domain"], c["weight"], c["bias"], num_domains=2,
+                                               backend=backend)
+            return uk.domain_batch_norm(c["x"], c["domain"], c["weight"], c["bias"], c["running_mean"],
+                                        c["running_var"], num_domains=2, use_batch_stats=True, backend=backend)
+        with torch.no_grad():
+            plain = run(clone_stats(case))
+        assert plain.grad_fn is None
+        graded = clone_stats(case)
+        graded["weight"] = graded["weight"].clone().requires_grad_()
+        y = run(graded)
+        assert torch.equal(y.detach(), plain) and y.grad_fn is not None
+        y.square().sum().backward()
+        assert graded["weight"].grad is not None and graded["weight"].grad.abs().sum() > 0
