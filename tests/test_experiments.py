@@ -353,6 +353,11 @@ def test_comparisons_report_sign_noise_and_the_papers_difference():
     assert "within noise" in lines[3] or "mixed across seeds" in lines[3]
     spread = E.seed_spread(two)
     assert spread > 3
+    # a partial table (bn-domain has seed 0 only): the difference is over the seeds both rows have
+    two[3]["seed_means"], two[3]["mean_error"] = {0: 38.0}, 38.0
+    two[4]["seed_means"], two[4]["mean_error"] = {0: 44.0, 1: 50.0}, 47.0
+    lines = E.comparisons(spec, two, sizes)
+    assert "+6.00 points" in lines[3] and "seed 0 only, the ones both rows have" in lines[3]
 
 
 def test_header_names_each_device_and_date_whole():

@@ -81,11 +81,16 @@ def comparisons(spec: TableSpec, rows: Sequence[Mapping[str, Any]], test_sizes: 
             continue
         ra, rb = by_key[a], by_key[b]
         diff = ra["mean_error"] - rb["mean_error"]
-        se = math.hypot(_standard_error(ra, test_sizes), _standard_error(rb, test_sizes))
-        if spread is not None:
-            se = math.sqrt(se ** 2 + spread ** 2 * (1 / len(ra["seed_means"]) + 1 / len(rb["seed_means"])))
         seeds = [s for s in ra["seed_means"] if s in rb["seed_means"]]
         per_seed = [ra["seed_means"][s] - rb["seed_means"][s] for s in seeds]
+        n_a, n_b, only = len(ra["seed_means"]), len(rb["seed_means"]), ""
+        if seeds and set(ra["seed_means"]) != set(rb["seed_means"]):
+            # a partial table: compare the seeds both rows have, not means over other seeds
+            diff, n_a, n_b = sum(per_seed) / len(per_seed), len(seeds), len(seeds)
+            only = f"; seed{'s' if len(seeds) > 1 else ''} {', '.join(map(str, seeds))} only, the ones both rows have"
+        se = math.hypot(_standard_error(ra, test_sizes), _standard_error(rb, test_sizes))
+        if spread is not None:
+            se = math.sqrt(se ** 2 + spread ** 2 * (1 / n_a + 1 / n_b))
         word = "better" if diff < 0 else "worse"
         if abs(diff) <= 2 * se:
             verdict = "within noise"
@@ -99,7 +104,7 @@ def comparisons(spec: TableSpec, rows: Sequence[Mapping[str, Any]], test_sizes: 
         paper = (f"paper {pa - pb:+.1f}" if pa is not None and pb is not None
                  else "paper: not reported" if spec.paper is not None else "not in the paper")
         ratio = ra["parameters"] / rb["parameters"]
-        lines.append(f"- {question}: {diff:+.2f} points (+-{2 * se:.2f}: 2 SE, {noise}{seed_text}): "
+        lines.append(f"- {question}: {diff:+.2f} points (+-{2 * se:.2f}: 2 SE, {noise}{seed_text}{only}): "
                      f"{verdict}; {paper}; parameters {ratio:.3g}x")
     return lines
 
@@ -229,7 +234,7 @@ def render_markdown(spec: TableSpec, settings: Mapping[str, Any], rows: Sequence
     if missing:
         lines += [f"**Partial table**: {len(missing)} of {len(missing) + runs} runs had not finished and are left "
                   f"out ({', '.join(missing)}). Each row's mean is over the seeds it has ('mean per seed'); the "
-                  f"answers compare per seed only the seeds both rows have.", ""]
+                  f"answers compare only the seeds both rows have.", ""]
     lines += [f"Settings: {len(domains)} built-in domains ({', '.join(domains)}; {settings['train_per_domain']} "
               f"train / {settings['test_per_domain']} test images each), {settings['image_size']}x"
               f"{settings['image_size']} images, ResNet with {settings['units_per_stage']} unit(s) per stage, widths "
