@@ -133,14 +133,10 @@ def test_results_do_not_depend_on_thread_count(op, channels_last, dtype):
         assert torch.equal(outs[0][key], outs[1][key]), f"{key} differs between 1 and 2 threads"
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-@pytest.mark.parametrize("spatial", [(8, 8), (64, 64)])
-def test_batch_norm_training_forward_in_memory_order_and_by_channel(spatial, dtype):
-    """The NCHW training forward walks planes of fewer than kChannelWalkPlaneBytes (8 KiB)
-    in memory order, larger ones channel by channel (norm_passes.h): 8x8 takes the first,
-    64x64 the second (16 KiB in float32, 8 KiB in float16). Both match reference.py."""
-    case = make_case(n=10, c=3, spatial=spatial, num_domains=3, mixed=True, stats="domain", seed=13)
-    g = torch.randn(case["x"].shape, dtype=torch.float64, generator=torch.Generator().manual_seed(4))
+def _bn_training_matches_float64(case, g, dtype):
+    """BN training forward and backward (fused ReLU) of the C++ kernels on ``case`` in
+    ``dtype`` against reference.py in float64: 1e-4 of the scale in float32, the
+    low-precision criterion in half types."""
     kw = dict(use_batch_stats=True, relu=True)
     exact = results_with_grads(run_bn, case, "reference", g, **kw)
     low_case = cast_params(dict(case, x=case["x"].to(dtype)), torch.float32)
@@ -153,6 +149,17 @@ def test_batch_norm_training_forward_in_memory_order_and_by_channel(spatial, dty
         low = results_with_grads(run_bn, low_case, "reference", g.to(dtype), **kw)
         for key, want in exact.items():
             assert_low_precision(got[key], low[key], want, dtype, key)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("spatial", [(8, 8), (64, 64)])
+def test_batch_norm_training_forward_in_memory_order_and_by_channel(spatial, dtype):
+    """The NCHW training forward walks planes of fewer than kChannelWalkPlaneBytes (8 KiB)
+    in memory order, larger ones channel by channel (norm_passes.h): 8x8 takes the first,
+    64x64 the second (16 KiB in float32, 8 KiB in float16). Both match reference.py."""
+    case = make_case(n=10, c=3, spatial=spatial, num_domains=3, mixed=True, stats="domain", seed=13)
+    g = torch.randn(case["x"].shape, dtype=torch.float64, generator=torch.Generator().manual_seed(4))
+    _bn_training_matches_float64(case, g, dtype)
 
 
 @pytest.mark.parametrize("use_batch_stats", [True, False])
@@ -194,15 +201,4 @@ def test_batch_norm_backward_over_runs_of_one_domain(batch, dtype):
         order = torch.argsort(case["domain"], stable=True)
         case = dict(case, x=case["x"][order].contiguous(), domain=case["domain"][order])
     g = torch.randn(case["x"].shape, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
-    kw = dict(use_batch_stats=True, relu=True)
-    exact = results_with_grads(run_bn, case, "reference", g, **kw)
-    low_case = cast_params(dict(case, x=case["x"].to(dtype)), torch.float32)
-    got = results_with_grads(run_bn, low_case, "cpp", g.to(dtype), **kw)
-    if dtype == torch.float32:
-        for key, want in exact.items():
-            err = (got[key].double() - want).abs().max().item()
-            assert err <= 1e-4 * max(1.0, want.abs().max().item()), f"{key}: max abs err {err:.3g}"
-    else:
-        low = results_with_grads(run_bn, low_case, "reference", g.to(dtype), **kw)
-        for key, want in exact.items():
-            assert_low_precision(got[key], low[key], want, dtype, key)
+    _bn_training_matches_float64(case, g, dtype)
