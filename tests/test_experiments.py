@@ -40,6 +40,14 @@ def tiny_table2(cache, tmp_path_factory):
     return out, result
 
 
+def _forbid_training(monkeypatch, why: str) -> None:
+    """Makes any attempt to train fail the test with ``why``."""
+    def no_trainer(*a, **k):
+        raise AssertionError(why)
+
+    monkeypatch.setattr(T, "Trainer", no_trainer)
+
+
 # ----------------------------------------------------------------------------- configurations
 
 
@@ -169,11 +177,7 @@ def test_tiny_table_writes_markdown_csv_and_png(tiny_table2):
 def test_finished_configurations_are_reused(tiny_table2, cache, monkeypatch, tmp_path):
     out, first = tiny_table2
 
-    class NoTraining:
-        def __init__(self, *a, **k):
-            raise AssertionError("a finished configuration was trained again")
-
-    monkeypatch.setattr(T, "Trainer", NoTraining)
+    _forbid_training(monkeypatch, "a finished configuration was trained again")
     again = E.run_table("table2", quick=True, out=out, overrides=tiny(cache), results_dir=tmp_path / "res")
     assert [r["mean_error"] for r in again["records"]] == [r["mean_error"] for r in first["records"]]
     assert all(r["reused"] for r in again["records"])
@@ -211,11 +215,7 @@ def test_finished_only_writes_the_table_from_finished_runs(tiny_table2, cache, t
     shutil.copytree(tiny_table2[0], out)
     shutil.rmtree(out / "table2" / "full")  # as if full sharing were still training
 
-    class NoTraining:
-        def __init__(self, *a, **k):
-            raise AssertionError("--finished-only trained a configuration")
-
-    monkeypatch.setattr(T, "Trainer", NoTraining)
+    _forbid_training(monkeypatch, "--finished-only trained a configuration")
     result = E.run_table("table2", quick=True, out=out, overrides=tiny(cache), seeds=[0, 1], finished_only=True)
     assert [(r["config"], r["seed"]) for r in result["records"]] == [("none", 0), ("deep", 0)]
     assert [r["config"] for r in result["rows"]] == ["none", "deep"]
@@ -263,11 +263,7 @@ def test_records_of_an_earlier_command_complete_a_table(tiny_table2, cache, tmp_
 def test_configs_runs_only_the_named_rows(tiny_table2, cache, tmp_path, monkeypatch):
     out, first = tiny_table2
 
-    class NoTraining:
-        def __init__(self, *a, **k):
-            raise AssertionError("a configuration outside --configs was trained")
-
-    monkeypatch.setattr(T, "Trainer", NoTraining)
+    _forbid_training(monkeypatch, "a configuration outside --configs was trained")
     result = E.run_table("table2", quick=True, out=out, overrides=tiny(cache), configs=["deep", "none"])
     assert [r["config"] for r in result["rows"]] == ["none", "deep"]  # the table's order
     md = (out / "table2" / "table2.md").read_text()

@@ -307,9 +307,10 @@ def run_table(table: str, quick: bool = False, out: str | Path = "runs/experimen
     earlier = {}
     for path in records_from:
         earlier.update({(r["config"], r["seed"]): r for r in read_records(path, spec, settings)})
-    from_files = [earlier[(job[1].key, job[2]["seed"])] for job in jobs
-                  if (job[1].key, job[2]["seed"]) in earlier and not (job[3] / "eval.json").exists()]
-    jobs = [job for job in jobs if (job[1].key, job[2]["seed"]) not in {(r["config"], r["seed"]) for r in from_files}]
+    taken = {key: earlier[key] for job in jobs if (key := (job[1].key, job[2]["seed"])) in earlier
+             and not (job[3] / "eval.json").exists()}
+    from_files = list(taken.values())
+    jobs = [job for job in jobs if (job[1].key, job[2]["seed"]) not in taken]
     missing = []
     if finished_only:
         missing = [f"{job[1].key} seed {job[2]['seed']}" for job in jobs if not (job[3] / "eval.json").exists()]
@@ -366,13 +367,16 @@ def read_records(path: str | Path, spec: TableSpec, settings: Mapping[str, Any])
                               f"{', '.join(sorted(needed - set(rows[0] if rows else ())))})")
     steps = int(settings["batches_per_domain"]) * len(spec.domains)
     num_classes = num_classes_of(spec.domains)
+    counts: Dict[str, Tuple[int, int]] = {}  # a configuration's parameter counts do not depend on its seed
     out = []
     for row in mine:
         if row["seed"] == "mean" or row["config"] not in {c.key for c in spec.configs}:
             continue
         config = spec.config(row["config"])
-        cfg = T.resolve_config(trainer_config(spec, config, dict(settings, seed=int(row["seed"])), Path(".")))
-        params, specific = count_model_parameters(cfg, num_classes)
+        if config.key not in counts:
+            cfg = T.resolve_config(trainer_config(spec, config, dict(settings, seed=int(row["seed"])), Path(".")))
+            counts[config.key] = count_model_parameters(cfg, num_classes)
+        params, specific = counts[config.key]
         head = f"--records: {path}: {config.key} seed {row['seed']}"
         if int(row["steps"]) != steps or int(row["parameters"]) != params:
             raise ExperimentError(f"{head} was made with other settings ({row['steps']} steps, {row['parameters']} "
